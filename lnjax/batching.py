@@ -1,0 +1,68 @@
+"""Host-side packing of tokenized edits into fixed-shape turn arrays (REFERENCE.md §2)."""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import numpy as np
+
+from .probe import IGNORE, TurnBatch
+
+
+def example_arrays(prompt_ids: Sequence[int], answer_ids: Sequence[int]) -> tuple[list, list]:
+    """(input_ids, labels) of one edit: prompt then answer without its last token; labels aligned with logits,
+    ``-100`` on the first ``len(prompt) - 1`` positions, then the answer ids (one position per answer token)."""
+    if len(prompt_ids) == 0 or len(answer_ids) == 0:
+        raise ValueError("prompt and answer must each have at least one token")
+    ids = list(prompt_ids) + list(answer_ids[:-1])
+    labels = [IGNORE] * (len(prompt_ids) - 1) + list(answer_ids)
+    return ids, labels
+
+
+def pack(examples: Sequence[tuple[Sequence[int], Sequence[int]]], length: Optional[int] = None) -> TurnBatch:
+    """Right-pad examples (prompt_ids, answer_ids) in the given order into a TurnBatch [n, L] (no sorting).
+
+    ``length`` defaults to the longest example; a longer example raises ValueError naming its index.
+    """
+    pairs = [example_arrays(p, a) for p, a in examples]
+    L = max((len(i) for i, _ in pairs), default=1) if length is None else int(length)
+    ids = np.zeros((len(pairs), L), np.int32)
+    mask = np.zeros((len(pairs), L), np.int32)
+    labels = np.full((len(pairs), L), IGNORE, np.int32)
+    for r, (i, lab) in enumerate(pairs):
+        if len(i) > L:
+            raise ValueError(f"example {r} has {len(i)} tokens, more than the configured length {L}")
+        ids[r, :len(i)] = i
+        mask[r, :len(i)] = 1
+        labels[r, :len(lab)] = lab
+    return TurnBatch(input_ids=ids, attention_mask=mask, labels=labels)
+
+
+def pack_turns(examples: Sequence[tuple[Sequence[int], Sequence[int]]], n_edits: int,
+               length: Optional[int] = None) -> tuple[TurnBatch, np.ndarray]:
+    """Cut examples into turns of ``n_edits`` (the last one padded with empty edits), order each turn longest
+    first (stable sort on token count, as the reference does), and pad to ``length``.
+
+    Returns ``(TurnBatch [T, n_edits, L], order [T, n_edits])`` where ``order`` holds each slot's index into
+    ``examples`` (-1 for padding).
+    """
+    if n_edits < 1:
+        raise ValueError(f"n_edits must be >= 1, got {n_edits}")
+    n = len(examples)
+    T = max(-(-n // n_edits), 1)
+    if length is None:
+        length = max((len(p) + len(a) - 1 for p, a in examples), default=1)
+    order = -np.ones((T, n_edits), np.int64)
+    for t in range(T):
+        idx = list(range(t * n_edits, min((t + 1) * n_edits, n)))
+        sizes = [len(examples[i][0]) + len(examples[i][1]) - 1 for i in idx]
+        ranked = sorted(range(len(idx)), key=lambda j: -sizes[j])  # Python's sort is stable
+        order[t, :len(idx)] = [idx[j] for j in ranked]
+    flat = pack([examples[i] for i in order.reshape(-1) if i >= 0], length)
+    out = [np.zeros((T * n_edits, length), np.int32), np.zeros((T * n_edits, length), np.int32),
+           np.full((T * n_edits, length), IGNORE, np.int32)]
+    real = order.reshape(-1) >= 0
+    for arr, src in zip(out, (flat.input_ids, flat.attention_mask, flat.labels)):
+        arr[real] = src
+    shape = (T, n_edits, length)
+    return TurnBatch(*(a.reshape(shape) for a in out)), order

@@ -1,0 +1,269 @@
+"""Optax-shaped editors: ``Editor(init, update)`` pairs of pure functions over features.
+
+    ed = ultraedit(lr=1e-6, alpha=1.0)
+    state = ed.init({"a": (d_in, d_out), "b": (d_in, d_out)})
+    deltas, state = ed.update({"a": Features(...), "b": Features(...)}, state)   # deltas[name]: (d_in, d_out)
+
+An editor knows no model: it maps one turn's features to one parameter shift per target and carries the
+lifelong-normalization statistics in its state (REFERENCE.md §4-6). Targets of equal shape pool one statistics
+state by default (``pooling="shape"``); ``pooling="target"`` keeps one per target.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Mapping, NamedTuple, Union
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import struct
+
+from . import ln
+from .features import Features, is_concrete, resolved
+from .solve import METHODS, ridge_shift
+
+NORMALIZATIONS = ("lifelong", "per_turn", "none")
+POOLINGS = ("shape", "target")
+
+
+@struct.dataclass
+class EditorState:
+    """Editor state (an immutable pytree).
+
+    ``stats``: group name -> ``ln.LNStats`` (empty without normalization); ``turns``: updates applied (int32);
+    ``rejected``: turns whose shift was non-finite and therefore not applied (int32). ``targets`` (static) holds
+    ``(name, d_in, d_out, group)`` per target in a fixed order.
+    """
+
+    stats: dict
+    turns: jax.Array
+    rejected: jax.Array
+    targets: tuple = struct.field(pytree_node=False)
+
+    def target_names(self) -> tuple[str, ...]:
+        return tuple(t[0] for t in self.targets)
+
+
+class Editor(NamedTuple):
+    """An editor: ``init(shapes) -> state`` and ``update(features, state, warmup=False) -> (deltas, state)``."""
+
+    init: Callable[[Mapping[str, tuple[int, int]]], EditorState]
+    update: Callable[..., tuple[dict, EditorState]]
+    config: Any = None
+
+
+@dataclasses.dataclass(frozen=True)
+class LNConfig:
+    """Everything that defines an LN-family editor (see the factories below for meanings and defaults)."""
+
+    lr: float
+    alpha: float
+    normalization: str = "lifelong"
+    variance: str = "exact"
+    pooling: str = "shape"
+    whiten: bool = False
+    whiten_in_warmup: bool = False
+    eps0: float = 0.0
+    nu0: Union[float, str] = 0.0
+    eig_floor: float = 1e-6
+    solve_method: str = "auto"
+
+    def __post_init__(self):
+        if self.normalization not in NORMALIZATIONS:
+            raise ValueError(f"normalization must be one of {NORMALIZATIONS}, got {self.normalization!r}")
+        if self.variance not in ln.VARIANCE_MODES:
+            raise ValueError(f"variance must be one of {ln.VARIANCE_MODES}, got {self.variance!r}")
+        if self.pooling not in POOLINGS:
+            raise ValueError(f"pooling must be one of {POOLINGS}, got {self.pooling!r}")
+        if self.solve_method not in METHODS:
+            raise ValueError(f"solve_method must be one of {METHODS}, got {self.solve_method!r}")
+        if self.alpha < 0 or self.lr < 0:
+            raise ValueError(f"lr and alpha must be >= 0, got lr={self.lr}, alpha={self.alpha}")
+        if isinstance(self.nu0, str) and self.nu0 != "min":
+            raise ValueError(f"nu0 must be a number or 'min' (d_out + 2), got {self.nu0!r}")
+        if self.whiten and self.normalization == "none":
+            raise ValueError("whitening needs normalization statistics (normalization != 'none')")
+
+
+def _group_of(name: str, d_in: int, d_out: int, pooling: str) -> str:
+    return f"{d_in}x{d_out}" if pooling == "shape" else name
+
+
+def _check_features(features: Mapping[str, Features], state: EditorState) -> dict:
+    """Validate names, shapes and (when concrete) finiteness; returns name -> (mask, segment, num_segments)."""
+    known = state.target_names()
+    unknown = [n for n in features if n not in known]
+    if unknown:
+        raise ValueError(f"features for unknown target(s) {unknown}; the editor state knows {list(known)}")
+    missing = [n for n in known if n not in features]
+    if missing:
+        raise ValueError(f"no features for target(s) {missing}")
+    out = {}
+    for name, d_in, d_out, _ in state.targets:
+        f = features[name]
+        mask, segment, num = resolved(name, f)
+        if f.keys.shape[1] != d_in:
+            raise ValueError(f"target {name!r}: keys have width {f.keys.shape[1]}, the state expects d_in={d_in}")
+        if f.value_grads.shape[1] != d_out:
+            raise ValueError(f"target {name!r}: value_grads have width {f.value_grads.shape[1]}, "
+                             f"the state expects d_out={d_out}")
+        for field in ("keys", "value_grads"):
+            arr = getattr(f, field)
+            if is_concrete(arr) and is_concrete(mask):
+                bad = ~np.isfinite(np.asarray(arr, np.float32)) & np.asarray(mask)[:, None]
+                if bad.any():
+                    row = int(np.argwhere(bad)[0][0])
+                    raise ValueError(f"target {name!r}: {field} has {int(bad.sum())} non-finite entries "
+                                     f"(first at row {row}); state left untouched")
+        out[name] = (mask, segment, num)
+    return out
+
+
+def _as_bool(flag: Union[bool, jax.Array]) -> jax.Array:
+    return jnp.asarray(flag, dtype=bool)
+
+
+def ln_editor(config: LNConfig) -> Editor:
+    """An editor of the LN family from a full ``LNConfig`` (the named factories below fill it in)."""
+    cfg = config
+    track_scatter = cfg.whiten
+
+    def init(shapes: Mapping[str, tuple[int, int]]) -> EditorState:
+        targets = []
+        for name, shape in shapes.items():
+            if len(shape) != 2 or min(shape) <= 0:
+                raise ValueError(f"target {name!r}: shape must be (d_in, d_out) with positive sizes, got {shape}")
+            d_in, d_out = int(shape[0]), int(shape[1])
+            targets.append((name, d_in, d_out, _group_of(name, d_in, d_out, cfg.pooling)))
+        stats = {}
+        if cfg.normalization != "none":
+            for _, d_in, d_out, group in targets:
+                stats.setdefault(group, ln.init(d_in, d_out, track_scatter))
+        return EditorState(stats=stats, turns=jnp.zeros((), jnp.int32), rejected=jnp.zeros((), jnp.int32),
+                           targets=tuple(targets))
+
+    def update(features: Mapping[str, Features], state: EditorState,
+               warmup: Union[bool, jax.Array] = False) -> tuple[dict, EditorState]:
+        rows = _check_features(features, state)
+        warmup = _as_bool(warmup)
+        members: dict[str, list] = {}
+        for name, _, _, group in state.targets:
+            members.setdefault(group, []).append(name)
+
+        # 1. statistics, once per (mini-batch, target) of the turn, before any shift (REFERENCE.md §4).
+        new_stats = {}
+        if cfg.normalization != "none":
+            for group, names in members.items():
+                base = state.stats[group]
+                if cfg.normalization == "per_turn":
+                    base = ln.init(base.d_in, base.d_out, track_scatter)
+                n_members = len(names)
+                num = max(rows[n][2] for n in names)
+                z = jnp.concatenate([jnp.concatenate([features[n].keys, features[n].value_grads], axis=1)
+                                     .astype(jnp.float32) for n in names], axis=0)
+                mask = jnp.concatenate([rows[n][0] for n in names])
+                seg = jnp.concatenate([rows[n][1] * n_members + j for j, n in enumerate(names)])
+                new_stats[group] = ln.update(base, z, mask, seg, num * n_members, cfg.variance)
+
+        # 2. the whitening matrix, once per turn per group (StableEdit, REFERENCE.md §6).
+        white = {}
+        if cfg.whiten:
+            for group, stats in new_stats.items():
+                nu0 = float(stats.d_out + 2) if cfg.nu0 == "min" else float(cfg.nu0)
+                use = ln.can_whiten(stats, nu0) & (stats.count > 0)
+                if not cfg.whiten_in_warmup:
+                    use = use & ~warmup
+                mat = jax.lax.cond(use, lambda s: ln.whitening_matrix(s, cfg.eps0, nu0, cfg.eig_floor),
+                                   lambda s: jnp.eye(s.d_out, dtype=jnp.float32), stats)
+                white[group] = (use, mat)
+
+        # 3. pseudo-values and ridge shifts per target (REFERENCE.md §5).
+        deltas = {}
+        for name, d_in, d_out, group in state.targets:
+            f = features[name]
+            mask = rows[name][0]
+            k = f.keys.astype(jnp.float32)
+            g = f.value_grads.astype(jnp.float32)
+            if cfg.normalization == "none":
+                k_hat, g_hat = k, g
+            else:
+                stats = new_stats[group]
+                z_hat = ln.standardize(stats, jnp.concatenate([k, g], axis=1))
+                k_hat, g_hat = z_hat[:, :d_in], z_hat[:, d_in:]
+                if group in white:
+                    use, mat = white[group]
+                    g_hat = jnp.where(use, ln.whiten(stats, g, mat), g_hat)
+            values = -cfg.lr * jnp.sum(k_hat * k_hat, axis=1, keepdims=True) * g_hat
+            values = jnp.where(mask[:, None], values, 0.0)
+            deltas[name] = ridge_shift(k, values, cfg.alpha, mask, cfg.solve_method)
+
+        # 4. a non-finite shift is rejected whole: no weight change, statistics as before.
+        finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(d)) for d in deltas.values()]))
+        deltas = {n: jnp.where(finite, d, 0.0) for n, d in deltas.items()}
+        kept_stats = new_stats if cfg.normalization != "none" else state.stats
+        stats = jax.tree_util.tree_map(lambda a, b: jnp.where(finite, a, b), kept_stats, state.stats)
+        new_state = state.replace(stats=stats, turns=state.turns + finite.astype(jnp.int32),
+                                  rejected=state.rejected + (~finite).astype(jnp.int32))
+        return deltas, new_state
+
+    return Editor(init=init, update=update, config=cfg)
+
+
+def ultraedit(lr: float = 1e-6, alpha: float = 1.0, *, variance: str = "ddof1", pooling: str = "shape",
+              solve_method: str = "auto") -> Editor:
+    """UltraEdit as its released code runs it: lifelong diagonal LN with the ddof=1 merge, ridge ``α = 1``."""
+    return ln_editor(LNConfig(lr=lr, alpha=alpha, normalization="lifelong", variance=variance, pooling=pooling,
+                              solve_method=solve_method))
+
+
+def stableedit(lr: float = 1e-6, alpha: float = 10.0, *, whiten: bool = True, variance: str = "exact",
+               pooling: str = "shape", eps0: float = 0.0, nu0: Union[float, str] = 0.0, whiten_in_warmup: bool = False,
+               eig_floor: float = 1e-6, solve_method: str = "auto") -> Editor:
+    """StableEdit as its released code runs it: lifelong LN (ddof=0 merge), full ZCA whitening of the value
+    gradients once ``n > d_out + 1`` (diagonal before that and during warm-up), ridge ``α = 10``.
+
+    The paper's Algorithm-1 reading: ``eps0 > 0`` (prior scatter ``ε0·I``), ``nu0`` prior degrees of freedom
+    (a number, or ``"min"`` for ``d_out + 2``, the least that makes the estimate defined from the first row),
+    ``pooling="target"``, ``whiten_in_warmup=True`` — see ``stableedit_algorithm1``.
+    """
+    return ln_editor(LNConfig(lr=lr, alpha=alpha, normalization="lifelong", variance=variance, pooling=pooling,
+                              whiten=whiten, whiten_in_warmup=whiten_in_warmup, eps0=eps0, nu0=nu0,
+                              eig_floor=eig_floor, solve_method=solve_method))
+
+
+def stableedit_algorithm1(lr: float = 1e-6, alpha: float = 10.0, *, eps0: float = 1e-3,
+                          solve_method: str = "auto") -> Editor:
+    """The paper's Algorithm 1 as we read it: Normal-inverse-Wishart estimate with prior ``Ψ0 = ε0·I`` and
+    ``ν0 = d_out + 2`` (so whitening is defined from the first turn), per-layer statistics, whitening in both
+    phases."""
+    return stableedit(lr, alpha, eps0=eps0, nu0="min", pooling="target", whiten_in_warmup=True,
+                      solve_method=solve_method)
+
+
+def no_normalization(lr: float = 1e-6, alpha: float = 1.0, *, solve_method: str = "auto") -> Editor:
+    """Ablation: raw keys and value gradients in the same formula ``V = -lr ||k||² g`` (no statistics)."""
+    return ln_editor(LNConfig(lr=lr, alpha=alpha, normalization="none", solve_method=solve_method))
+
+
+def per_turn_normalization(lr: float = 1e-6, alpha: float = 1.0, *, variance: str = "exact",
+                           pooling: str = "shape", solve_method: str = "auto") -> Editor:
+    """Ablation: diagonal normalization with statistics of the current turn only (reset every turn)."""
+    return ln_editor(LNConfig(lr=lr, alpha=alpha, normalization="per_turn", variance=variance, pooling=pooling,
+                              solve_method=solve_method))
+
+
+REGISTRY = {
+    "ultraedit": ultraedit,
+    "stableedit": stableedit,
+    "stableedit_algorithm1": stableedit_algorithm1,
+    "no_normalization": no_normalization,
+    "per_turn_normalization": per_turn_normalization,
+}
+
+
+def get(name: str, **kwargs) -> Editor:
+    """Editor by registry name (``ultraedit``, ``stableedit``, ...), with keyword overrides."""
+    if name not in REGISTRY:
+        raise ValueError(f"unknown editor {name!r}; known: {sorted(REGISTRY)}")
+    return REGISTRY[name](**kwargs)

@@ -1,0 +1,198 @@
+"""Lifelong-normalization statistics: running mean / variance (and value-gradient scatter) of edit features.
+
+The statistics describe the concatenated feature ``z = [k, g]`` of width ``D = d_in + d_out`` (REFERENCE.md §4):
+a count ``n``, a ``mean`` (D,) and ``m2`` (D,), the running sum of squared deviations, plus, for StableEdit's
+full whitening, ``scatter_v`` (d_out, d_out), the running scatter matrix of the value-gradient part.
+
+Every function is pure: a state goes in, a new state comes out. Sums are carried with Kahan compensation so that
+float32 statistics stay within ~1e-6 of a float64 computation after millions of rows (the plain float32 update
+drifts once the increments fall below the accumulator's precision).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+EPS = float(jnp.finfo(jnp.float32).eps)
+VARIANCE_MODES = ("ddof1", "exact")
+
+
+@struct.dataclass
+class LNStats:
+    """Running statistics of ``z = [k, g]``; an immutable pytree.
+
+    Fields: ``count`` () int32; ``mean``, ``m2`` (D,) float32 with their Kahan compensations ``mean_c``,
+    ``m2_c``; ``scatter_v`` / ``scatter_v_c`` (d_out, d_out) float32, or None when whitening is not tracked.
+    ``d_in`` and ``d_out`` are static.
+    """
+
+    count: jax.Array
+    mean: jax.Array
+    m2: jax.Array
+    mean_c: jax.Array
+    m2_c: jax.Array
+    scatter_v: Optional[jax.Array]
+    scatter_v_c: Optional[jax.Array]
+    d_in: int = struct.field(pytree_node=False)
+    d_out: int = struct.field(pytree_node=False)
+
+    @property
+    def width(self) -> int:
+        return self.d_in + self.d_out
+
+
+def init(d_in: int, d_out: int, track_scatter: bool = False) -> LNStats:
+    """Empty statistics for keys of width ``d_in`` and value gradients of width ``d_out``."""
+    # Distinct buffers for every field: a run donates its state, and one buffer may not be donated twice.
+    vec = lambda: jnp.zeros((d_in + d_out,), jnp.float32)
+    mat = lambda: jnp.zeros((d_out, d_out), jnp.float32) if track_scatter else None
+    return LNStats(
+        count=jnp.zeros((), jnp.int32), mean=vec(), m2=vec(), mean_c=vec(), m2_c=vec(),
+        scatter_v=mat(), scatter_v_c=mat(), d_in=int(d_in), d_out=int(d_out),
+    )
+
+
+def _kahan_add(total: jax.Array, comp: jax.Array, increment: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Compensated ``total + increment``; returns (new total, new compensation)."""
+    y = increment - comp
+    t = total + y
+    return t, (t - total) - y
+
+
+def _merge_moments(stats: LNStats, m: jax.Array, delta: jax.Array, batch_m2: jax.Array,
+                   batch_scatter_v: Optional[jax.Array]) -> LNStats:
+    """Chan's parallel merge of a batch summary into ``stats``: ``m`` rows whose mean is ``mean(stats) + delta``,
+    scatter ``batch_m2`` and value scatter ``batch_scatter_v``.
+
+    A batch with ``m == 0`` leaves ``stats`` bit for bit unchanged.
+    """
+    n = stats.count.astype(jnp.float32)
+    mf = m.astype(jnp.float32)
+    n_new = n + mf
+    safe_n_new = jnp.maximum(n_new, 1.0)
+    mean, mean_c = _kahan_add(stats.mean, stats.mean_c, mf * delta / safe_n_new)
+    m2, m2_c = _kahan_add(stats.m2, stats.m2_c, batch_m2 + (n * mf / safe_n_new) * delta * delta)
+    scatter_v, scatter_v_c = stats.scatter_v, stats.scatter_v_c
+    if scatter_v is not None:
+        dv = delta[stats.d_in:]
+        inc = batch_scatter_v + (n * mf / safe_n_new) * jnp.outer(dv, dv)
+        scatter_v, scatter_v_c = _kahan_add(scatter_v, scatter_v_c, inc)
+    new = stats.replace(count=stats.count + m.astype(jnp.int32), mean=mean, m2=m2, mean_c=mean_c, m2_c=m2_c,
+                        scatter_v=scatter_v, scatter_v_c=scatter_v_c)
+    return jax.tree_util.tree_map(lambda a, b: jnp.where(m > 0, a, b), new, stats)
+
+
+def batch_moments(z: jax.Array, mask: jax.Array, segment: jax.Array, num_segments: int,
+                  variance: str = "exact", d_in: int = 0, track_scatter: bool = False):
+    """Summarise rows ``z`` [N, D] (``mask`` [N] bool, ``segment`` [N] int in [0, num_segments)) as one batch.
+
+    Each segment is one reference mini-batch; merging the segments one after another with Chan's rule is,
+    exactly in real arithmetic, the same as merging this single summary, because the between-segment terms
+    telescope into the scatter of the segment means. ``variance="ddof1"`` reproduces UltraEdit's merge, which
+    adds ``m * var_unbiased`` = ``m/(m-1)`` times each segment's scatter (a segment of one row adds 0 here,
+    where the reference produces NaN); ``"exact"`` adds the true scatter (StableEdit's ddof=0 merge).
+
+    Returns ``(m, mean (D,), m2 (D,), scatter_v (d_out, d_out) or None)`` with ``scatter_v`` over columns
+    ``d_in:`` of ``z``. Callers pass rows already shifted by the running mean (see ``update``): the batch mean
+    is then the small difference Chan's merge needs, free of the cancellation of subtracting two large means.
+    """
+    if variance not in VARIANCE_MODES:
+        raise ValueError(f"variance must be one of {VARIANCE_MODES}, got {variance!r}")
+    z = z.astype(jnp.float32)
+    w = mask.astype(jnp.float32)
+    seg_counts = jax.ops.segment_sum(w, segment, num_segments)                       # [S]
+    seg_sums = jax.ops.segment_sum(z * w[:, None], segment, num_segments)            # [S, D]
+    seg_means = seg_sums / jnp.maximum(seg_counts, 1.0)[:, None]
+    dev = (z - seg_means[segment]) * w[:, None]                                      # within-segment deviations
+    if variance == "ddof1":
+        factor = jnp.where(seg_counts > 1, seg_counts / jnp.maximum(seg_counts - 1.0, 1.0), 1.0)
+    else:
+        factor = jnp.ones_like(seg_counts)
+    row_factor = factor[segment]
+    within = jnp.sum(dev * dev * row_factor[:, None], axis=0)
+    m = jnp.sum(w)
+    mean = jnp.sum(seg_sums, axis=0) / jnp.maximum(m, 1.0)
+    seg_dev = (seg_means - mean) * (seg_counts > 0)[:, None]
+    between = jnp.sum(seg_counts[:, None] * seg_dev * seg_dev, axis=0)
+    scatter_v = None
+    if track_scatter:
+        dv = dev[:, d_in:]
+        sv = seg_dev[:, d_in:]
+        hp = jax.lax.Precision.HIGHEST
+        scatter_v = (jnp.matmul((dv * row_factor[:, None]).T, dv, precision=hp)
+                     + jnp.matmul((sv * seg_counts[:, None]).T, sv, precision=hp))
+    return m.astype(jnp.int32), mean, within + between, scatter_v
+
+
+def update(stats: LNStats, z: jax.Array, mask: Optional[jax.Array] = None, segment: Optional[jax.Array] = None,
+           num_segments: int = 1, variance: str = "exact") -> LNStats:
+    """Fold rows ``z`` [N, d_in + d_out] into ``stats``; masked rows (``mask`` False) take no part.
+
+    ``segment`` [N] assigns each row to a reference mini-batch (default: all one); see ``batch_moments`` for
+    what ``variance`` selects. Returns the new statistics.
+    """
+    if z.ndim != 2 or z.shape[1] != stats.width:
+        raise ValueError(f"features have shape {tuple(z.shape)}, statistics expect [rows, {stats.width}]")
+    if mask is None:
+        mask = jnp.ones(z.shape[:1], bool)
+    if segment is None:
+        segment = jnp.zeros(z.shape[:1], jnp.int32)
+    shifted = z.astype(jnp.float32) - mean(stats)
+    m, delta, m2, scatter_v = batch_moments(shifted, mask, segment, num_segments, variance, stats.d_in,
+                                            stats.scatter_v is not None)
+    return _merge_moments(stats, m, delta, m2, scatter_v)
+
+
+def merge(a: LNStats, b: LNStats) -> LNStats:
+    """Statistics of the union of the rows summarised by ``a`` and ``b`` (for multi-device or chunked work)."""
+    if (a.d_in, a.d_out) != (b.d_in, b.d_out) or (a.scatter_v is None) != (b.scatter_v is None):
+        raise ValueError(f"cannot merge statistics of widths {(a.d_in, a.d_out)} and {(b.d_in, b.d_out)}")
+    b_sv = None if b.scatter_v is None else b.scatter_v - b.scatter_v_c
+    return _merge_moments(a, b.count, mean(b) - mean(a), b.m2 - b.m2_c, b_sv)
+
+
+def mean(stats: LNStats) -> jax.Array:
+    """Compensated running mean (D,)."""
+    return stats.mean - stats.mean_c
+
+
+def std(stats: LNStats) -> jax.Array:
+    """Reference standard deviation ``sqrt(M2 / (n - 1 + eps))`` (D,)."""
+    n = stats.count.astype(jnp.float32)
+    return jnp.sqrt(jnp.maximum(stats.m2 - stats.m2_c, 0.0) / (n - 1.0 + EPS))
+
+
+def standardize(stats: LNStats, z: jax.Array) -> jax.Array:
+    """Diagonal z-score ``(z - mean) / (std + eps)`` of rows ``z`` [N, D]."""
+    return (z - mean(stats)) / (std(stats) + EPS)
+
+
+def can_whiten(stats: LNStats, nu0: float = 0.0) -> jax.Array:
+    """Whether the inverse-Wishart estimate is defined: ``n + nu0 > d_out + 1`` (bool scalar)."""
+    return stats.count.astype(jnp.float32) + nu0 > stats.d_out + 1
+
+
+def whitening_matrix(stats: LNStats, eps0: float = 0.0, nu0: float = 0.0, floor: float = 1e-6) -> jax.Array:
+    """Symmetric (ZCA) inverse square root of ``Σ = (M2_v + eps0·I) / (n + nu0 - d_out - 1)``, (d_out, d_out).
+
+    Eigenvalues are clamped at ``floor`` before the inverse square root. Only meaningful when ``can_whiten``.
+    """
+    if stats.scatter_v is None:
+        raise ValueError("these statistics do not track the value-gradient scatter (init with track_scatter=True)")
+    d = stats.d_out
+    dof = jnp.maximum(stats.count.astype(jnp.float32) + nu0 - d - 1.0, 1.0)
+    scatter = stats.scatter_v - stats.scatter_v_c
+    sigma = (scatter + eps0 * jnp.eye(d, dtype=jnp.float32)) / dof
+    sigma = 0.5 * (sigma + sigma.T)
+    evals, evecs = jnp.linalg.eigh(sigma)
+    inv_sqrt = jax.lax.rsqrt(jnp.maximum(evals, floor))
+    return jnp.matmul(evecs * inv_sqrt[None, :], evecs.T, precision=jax.lax.Precision.HIGHEST)
+
+
+def whiten(stats: LNStats, g: jax.Array, matrix: jax.Array) -> jax.Array:
+    """Whitened value gradients ``(g - mean_g) @ matrix`` for rows ``g`` [N, d_out]."""
+    return jnp.matmul(g - mean(stats)[stats.d_in:], matrix, precision=jax.lax.Precision.HIGHEST)

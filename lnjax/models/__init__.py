@@ -1,0 +1,107 @@
+"""Decoder language models as pure functions over nested-dict parameters mirroring HF module paths."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from . import gpt2, gptj, llama
+from .config import ARCHITECTURES, ModelConfig
+from .layers import linear
+
+_MODULES = {"llama": llama, "mistral": llama, "qwen2": llama, "gpt2": gpt2, "gptj": gptj}
+
+
+@dataclasses.dataclass(frozen=True)
+class Model:
+    """A decoder: ``config``, ``params`` (nested dict) and ``apply(params, input_ids, attention_mask) -> logits``.
+
+    ``apply`` takes ids and mask [B, L] (int32; mask 1 for real tokens) and returns float32 logits [B, L, vocab].
+    """
+
+    config: ModelConfig
+    params: Any
+
+    @property
+    def apply(self) -> Callable:
+        return apply_fn(self.config)
+
+
+@functools.lru_cache(maxsize=None)
+def apply_fn(cfg: ModelConfig) -> Callable:
+    """The pure ``apply(params, input_ids, attention_mask) -> logits`` of architecture ``cfg`` (cached, so
+    repeated calls give the same function object and jit caches hit)."""
+    return functools.partial(_MODULES[cfg.arch].apply, cfg=cfg)
+
+
+def param_shapes(cfg: ModelConfig) -> dict:
+    """Nested dict of parameter shapes (tuples) for ``cfg``."""
+    return _MODULES[cfg.arch].param_shapes(cfg)
+
+
+def abstract_params(cfg: ModelConfig, dtype=jnp.float32) -> dict:
+    """Parameters as ``jax.ShapeDtypeStruct`` leaves: the model's shape without allocating it."""
+    return jax.tree_util.tree_map(lambda s: jax.ShapeDtypeStruct(s, jnp.dtype(dtype)), param_shapes(cfg),
+                                  is_leaf=lambda x: isinstance(x, tuple))
+
+
+def init_params(cfg: ModelConfig, key: jax.Array, dtype=jnp.float32, std: float = 0.02) -> dict:
+    """Random parameters: normal(0, std) kernels and embeddings, unit norm scales, zero biases."""
+    shapes = param_shapes(cfg)
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(shapes, is_leaf=lambda x: isinstance(x, tuple))
+    keys = jax.random.split(key, len(leaves))
+    out = []
+    for (path, shape), k in zip(leaves, keys):
+        name = path[-1].key
+        if name == "scale":
+            out.append(jnp.ones(shape, dtype))
+        elif name == "bias":
+            out.append(jnp.zeros(shape, dtype))
+        else:
+            out.append((std * jax.random.normal(k, shape, jnp.float32)).astype(dtype))
+    return jax.tree_util.tree_unflatten(treedef, out)
+
+
+def split_path(path: str) -> list:
+    """``"model.layers.3.mlp.down_proj"`` → ``["model", "layers", 3, "mlp", "down_proj"]``."""
+    return [int(p) if p.isdigit() else p for p in path.split(".")]
+
+
+def get_module(params: Any, path: str) -> Any:
+    """The sub-dict of ``params`` at HF module path ``path``; KeyError naming the missing part."""
+    node = params
+    for i, part in enumerate(split_path(path)):
+        try:
+            node = node[part]
+        except (KeyError, IndexError, TypeError):
+            raise KeyError(f"module path {path!r}: no {'.'.join(map(str, split_path(path)[:i + 1]))!r} "
+                           "in the parameters") from None
+    return node
+
+
+def with_module_leaf(params: Any, path: str, leaf: str, value: Any) -> Any:
+    """A copy of ``params`` with ``params[path][leaf] = value`` (only the containers on the path are copied)."""
+    parts = split_path(path) + [leaf]
+
+    def rec(node, i):
+        if i == len(parts):
+            return value
+        part = parts[i]
+        if isinstance(node, list):
+            new = list(node)
+        else:
+            new = dict(node)
+        new[part] = rec(node[part], i + 1)
+        return new
+
+    get_module(params, path)  # raises a clear error first
+    return rec(params, 0)
+
+
+__all__ = ["ARCHITECTURES", "Model", "ModelConfig", "abstract_params", "apply_fn", "get_module", "init_params",
+           "linear", "param_shapes", "split_path", "with_module_leaf"]

@@ -1,0 +1,47 @@
+"""GPT-2: learned positions, LayerNorm, fused QKV (HF Conv1D weights are already (in, out)), tied head."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from .config import ModelConfig
+from .layers import ACTIVATIONS, attend, attention_bias, layer_norm, linear
+
+
+def param_shapes(cfg: ModelConfig) -> dict:
+    """Nested dict of parameter shapes for ``cfg``."""
+    d = cfg.d_model
+    ln = {"scale": (d,), "bias": (d,)}
+    layer = {
+        "ln_1": ln,
+        "attn": {"c_attn": {"kernel": (d, 3 * d), "bias": (3 * d,)}, "c_proj": {"kernel": (d, d), "bias": (d,)}},
+        "ln_2": ln,
+        "mlp": {"c_fc": {"kernel": (d, cfg.d_ff), "bias": (cfg.d_ff,)},
+                "c_proj": {"kernel": (cfg.d_ff, d), "bias": (d,)}},
+    }
+    return {"transformer": {"wte": {"embedding": (cfg.vocab_size, d)},
+                            "wpe": {"embedding": (cfg.max_positions, d)},
+                            "h": [layer for _ in range(cfg.n_layers)],
+                            "ln_f": ln}}
+
+
+def apply(params: dict, input_ids: jax.Array, attention_mask: jax.Array, cfg: ModelConfig) -> jax.Array:
+    """Logits [B, L, vocab] float32 for ids/mask [B, L]."""
+    B, L = input_ids.shape
+    if L > cfg.max_positions:
+        raise ValueError(f"sequence length {L} exceeds GPT-2's {cfg.max_positions} learned positions")
+    t = params["transformer"]
+    hd = cfg.d_model // cfg.n_heads
+    h = t["wte"]["embedding"][input_ids] + t["wpe"]["embedding"][jnp.arange(L)][None]
+    allowed = attention_bias(attention_mask)
+    act = ACTIVATIONS[cfg.activation]
+    for layer in t["h"]:
+        x = layer_norm(h, layer["ln_1"], cfg.norm_eps)
+        q, k, v = jnp.split(linear(x, layer["attn"]["c_attn"]), 3, axis=-1)
+        q, k, v = (y.reshape(B, L, cfg.n_heads, hd) for y in (q, k, v))
+        h = h + linear(attend(q, k, v, allowed, hd ** -0.5), layer["attn"]["c_proj"])
+        x = layer_norm(h, layer["ln_2"], cfg.norm_eps)
+        h = h + linear(act(linear(x, layer["mlp"]["c_fc"])), layer["mlp"]["c_proj"])
+    h = layer_norm(h, t["ln_f"], cfg.norm_eps)
+    return (h @ t["wte"]["embedding"].T).astype(jnp.float32)

@@ -1,0 +1,126 @@
+"""Building blocks shared by the decoders: linear maps, norms, rotary embeddings, attention.
+
+Every function is pure over arrays and nested-dict parameters. Kernels are ``(in, out)``. ``linear`` applies its
+kernel with ``x @ kernel`` so that ``lnjax.probe`` can stand a tap in for an edited kernel (see ``probe.Tap``).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+
+
+def linear(x: jax.Array, p: dict) -> jax.Array:
+    """``x @ p["kernel"] (+ p["bias"])`` for x [..., in] → [..., out]."""
+    y = x @ p["kernel"]
+    if "bias" in p:
+        y = y + p["bias"].astype(y.dtype)
+    return y
+
+
+def rms_norm(x: jax.Array, p: dict, eps: float) -> jax.Array:
+    """RMSNorm computed in float32 and cast back, as HF Llama/Mistral/Qwen2 do; x [..., d]."""
+    xf = x.astype(jnp.float32)
+    xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
+    return p["scale"] * xf.astype(x.dtype)
+
+
+def layer_norm(x: jax.Array, p: dict, eps: float) -> jax.Array:
+    """LayerNorm with scale and bias, statistics in float32; x [..., d]."""
+    xf = x.astype(jnp.float32)
+    mu = jnp.mean(xf, axis=-1, keepdims=True)
+    var = jnp.mean(jnp.square(xf - mu), axis=-1, keepdims=True)
+    y = (xf - mu) * jax.lax.rsqrt(var + eps)
+    return (y * p["scale"].astype(jnp.float32) + p["bias"].astype(jnp.float32)).astype(x.dtype)
+
+
+def gelu_tanh(x: jax.Array) -> jax.Array:
+    """GPT-2's ``gelu_new``: the tanh approximation of GELU."""
+    return 0.5 * x * (1.0 + jnp.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * jnp.power(x, 3.0))))
+
+
+ACTIVATIONS = {
+    "silu": jax.nn.silu,
+    "swish": jax.nn.silu,
+    "gelu_new": gelu_tanh,
+    "gelu_pytorch_tanh": gelu_tanh,
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+    "relu": jax.nn.relu,
+}
+
+
+def rope_frequencies(head_dim: int, theta: float, scaling: Optional[dict]) -> jax.Array:
+    """Inverse frequencies (head_dim/2,) float32, with ``linear`` or Llama-3.1 (``llama3``) scaling."""
+    inv = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+    kind = (scaling or {}).get("rope_type", "default")
+    if kind == "default":
+        return inv
+    if kind == "linear":
+        return inv / scaling["factor"]
+    if kind == "llama3":
+        factor = scaling["factor"]
+        low, high = scaling["low_freq_factor"], scaling["high_freq_factor"]
+        old_len = scaling["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv
+        scaled = jnp.where(wavelen > old_len / low, inv / factor, inv)
+        smooth = (old_len / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = (wavelen >= old_len / high) & (wavelen <= old_len / low)
+        return jnp.where(medium, smoothed, scaled)
+    raise ValueError(f"rope scaling type {kind!r} is not supported")
+
+
+def rotate_half(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.Array:
+    """Rotary embedding in the half-split layout (Llama family); x [B, L, H, hd], positions [L]."""
+    ang = positions[:, None].astype(jnp.float32) * inv_freq[None, :]
+    cos = jnp.concatenate([jnp.cos(ang)] * 2, axis=-1)[None, :, None, :].astype(x.dtype)
+    sin = jnp.concatenate([jnp.sin(ang)] * 2, axis=-1)[None, :, None, :].astype(x.dtype)
+    x1, x2 = jnp.split(x, 2, axis=-1)
+    return x * cos + jnp.concatenate([-x2, x1], axis=-1) * sin
+
+
+def rotate_interleaved(x: jax.Array, positions: jax.Array, rotary_dim: int, theta: float = 10000.0) -> jax.Array:
+    """GPT-J's rotary embedding: interleaved pairs on the first ``rotary_dim`` dims of each head."""
+    inv = 1.0 / (theta ** (jnp.arange(0, rotary_dim, 2, dtype=jnp.float32) / rotary_dim))
+    ang = positions[:, None].astype(jnp.float32) * inv[None, :]
+    sin = jnp.repeat(jnp.sin(ang), 2, axis=-1)[None, :, None, :].astype(x.dtype)
+    cos = jnp.repeat(jnp.cos(ang), 2, axis=-1)[None, :, None, :].astype(x.dtype)
+    rot, rest = x[..., :rotary_dim], x[..., rotary_dim:]
+    pairs = jnp.stack([-rot[..., 1::2], rot[..., ::2]], axis=-1).reshape(rot.shape)
+    return jnp.concatenate([rot * cos + pairs * sin, rest], axis=-1)
+
+
+def attention_bias(attention_mask: jax.Array, sliding_window: Optional[int] = None) -> jax.Array:
+    """Boolean [B, 1, L, L]: query i may see key j iff j <= i, key j is real, and i - j < window."""
+    L = attention_mask.shape[1]
+    i = jnp.arange(L)[:, None]
+    j = jnp.arange(L)[None, :]
+    allowed = j <= i
+    if sliding_window is not None:
+        allowed = allowed & (i - j < sliding_window)
+    return allowed[None, None] & attention_mask.astype(bool)[:, None, None, :]
+
+
+def attend(q: jax.Array, k: jax.Array, v: jax.Array, allowed: jax.Array, scale: float,
+           upcast: bool = False) -> jax.Array:
+    """Scaled dot-product attention with grouped KV heads.
+
+    q [B, L, H, hd], k/v [B, L, Hkv, hd], allowed [B, 1, L, L] → [B, L, H*hd]. Scores and softmax in float32;
+    ``upcast`` also computes the score matmul in float32 (GPT-J).
+    """
+    B, L, H, hd = q.shape
+    groups = H // k.shape[2]
+    if groups > 1:
+        k = jnp.repeat(k, groups, axis=2)
+        v = jnp.repeat(v, groups, axis=2)
+    if upcast:
+        scores = jnp.einsum("bqhd,bkhd->bhqk", q.astype(jnp.float32), k.astype(jnp.float32))
+    else:
+        scores = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32)
+    scores = jnp.where(allowed, scores * scale, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bhqk,bkhd->bqhd", probs, v)
+    return out.reshape(B, L, H * v.shape[-1])

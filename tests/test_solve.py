@@ -1,0 +1,41 @@
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from lnjax.solve import choose_method, ridge_dual, ridge_primal, ridge_shift
+
+
+@pytest.mark.parametrize("n,d_in", [(20, 64), (90, 30)])
+def test_dual_equals_primal_and_float64(n, d_in):
+    rng = np.random.default_rng(0)
+    K = rng.normal(size=(n, d_in)).astype(np.float32)
+    V = rng.normal(size=(n, 7)).astype(np.float32)
+    mask = rng.random(n) > 0.2
+    p = np.asarray(ridge_primal(K, V, 1.5, mask))
+    d = np.asarray(ridge_dual(K, V, 1.5, mask))
+    Km, Vm = K[mask].astype(np.float64), V[mask].astype(np.float64)
+    ref = np.linalg.solve(Km.T @ Km + 1.5 * np.eye(d_in), Km.T @ Vm)
+    scale = np.abs(ref).max()
+    assert np.abs(p - ref).max() / scale < 1e-5
+    assert np.abs(d - ref).max() / scale < 1e-5
+    assert np.abs(p - d).max() / scale < 1e-5
+
+
+def test_masked_rows_equal_removed_rows_and_alpha_zero_dual():
+    rng = np.random.default_rng(1)
+    K = rng.normal(size=(10, 40)).astype(np.float32)
+    V = rng.normal(size=(10, 3)).astype(np.float32)
+    mask = np.array([1, 1, 0, 1, 0, 1, 1, 1, 0, 1], bool)
+    full = np.asarray(ridge_dual(K, V, 0.0, mask))
+    kept = np.asarray(ridge_dual(K[mask], V[mask], 0.0))
+    np.testing.assert_allclose(full, kept, rtol=1e-4, atol=1e-6)
+    # alpha = 0 with N < d_in: the minimum-norm interpolant K ΔW = V.
+    np.testing.assert_allclose(K[mask] @ full, V[mask], atol=1e-4)
+
+
+def test_auto_method_and_errors():
+    assert choose_method(100, 1000) == "dual" and choose_method(1000, 100) == "primal"
+    with pytest.raises(ValueError, match="method"):
+        ridge_shift(jnp.ones((2, 3)), jnp.ones((2, 1)), 1.0, method="cg")
+    with pytest.raises(ValueError, match=r"\[N, d_in\]"):
+        ridge_shift(jnp.ones((2, 3)), jnp.ones((3, 1)), 1.0)
