@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import jax
 import jax.numpy as jnp
@@ -17,15 +17,17 @@ from .layers import linear
 _MODULES = {"llama": llama, "mistral": llama, "qwen2": llama, "gpt2": gpt2, "gptj": gptj}
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, eq=False)
 class Model:
     """A decoder: ``config``, ``params`` (nested dict) and ``apply(params, input_ids, attention_mask) -> logits``.
 
     ``apply`` takes ids and mask [B, L] (int32; mask 1 for real tokens) and returns float32 logits [B, L, vocab].
+    ``hf_config`` keeps the ``config.json`` a model was loaded from, so saving writes it back unchanged.
     """
 
     config: ModelConfig
     params: Any
+    hf_config: Optional[dict] = None
 
     @property
     def apply(self) -> Callable:
