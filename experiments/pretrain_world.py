@@ -1,0 +1,37 @@
+"""Pretrain the embedded default model on the default world and write it to lnjax/assets/world_model.
+
+    python experiments/pretrain_world.py                 # the shipped model (about 30 min on 2 CPU cores)
+    python experiments/pretrain_world.py --epochs 2 --out /tmp/wm   # a quick, untrained-ish run
+"""
+
+import argparse
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+from lnjax import world_model as wm  # noqa: E402
+from lnjax.world import World, WorldSpec  # noqa: E402
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--epochs", type=int, default=45)
+    ap.add_argument("--batch-size", type=int, default=512)
+    ap.add_argument("--lr", type=float, default=5e-3)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--world-seed", type=int, default=0)
+    ap.add_argument("--out", default=wm.ASSET_DIR)
+    args = ap.parse_args(argv)
+    world = World(WorldSpec(seed=args.world_seed))
+    cfg = wm.default_config(world)
+    params, report = wm.train(world, cfg, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+                              seed=args.seed, log=lambda m: print(m, flush=True))
+    report["world_spec"] = world.spec.__dict__
+    wm.save(args.out, cfg, params, report)
+    print(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,74 @@
+"""Command line: ``lnjax run`` (also ``python -m lnjax run``), the main job."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from typing import Optional, Sequence
+
+from .data import DATASETS
+from .editors import REGISTRY
+from .sequence import WARMUP_POSITIONS
+
+
+def _csv(text: str) -> tuple:
+    return tuple(x.strip() for x in text.split(",") if x.strip())
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="lnjax", description="Lifelong model editing with Lifelong Normalization.")
+    sub = ap.add_subparsers(dest="command", required=True)
+    r = sub.add_parser("run", help="sequential editing runs of several editors, evaluated and written to --out",
+                       description="With no arguments: StableEdit, UltraEdit and the no-normalization ablation over "
+                                   "2,000 sequential edits (20 turns of 100) on the embedded world and model.")
+    r.add_argument("--editor", type=_csv, default=None,
+                   help=f"comma-separated editors (default stableedit,ultraedit,no_normalization); "
+                        f"known: {','.join(sorted(REGISTRY))}")
+    r.add_argument("--turns", type=int, default=20)
+    r.add_argument("--edits-per-turn", type=int, default=100)
+    r.add_argument("--warmup-turns", type=int, default=None,
+                   help="warm-up turns (default: turns//10 for StableEdit editors, 0 for the others)")
+    r.add_argument("--warmup-at", choices=WARMUP_POSITIONS, default="start")
+    r.add_argument("--lr", type=float, default=None, help="editor learning rate (default: tuned for the world)")
+    r.add_argument("--alpha", type=float, default=None, help="ridge strength (default: per editor)")
+    r.add_argument("--targets", type=_csv, default=None, help="comma-separated HF module paths to edit")
+    r.add_argument("--model", default=None, help="HF checkpoint directory (default: the embedded world model)")
+    r.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    r.add_argument("--dataset", choices=("world",) + DATASETS, default="world")
+    r.add_argument("--data", default=None, help="edit records file (JSON array) for --dataset")
+    r.add_argument("--train-data", default=None, help="training-split file for warm-up turns")
+    r.add_argument("--out", default=None, help="run directory (default runs/<timestamp>)")
+    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--eval-every", type=int, default=5, help="turns between evaluations during the run (0: end only)")
+    r.add_argument("--max-length", type=int, default=None, help="refuse probes longer than this many tokens")
+    r.add_argument("--skip-bad-rows", action="store_true", help="skip (and count) malformed rows instead of failing")
+    r.add_argument("--no-generation", action="store_true", help="skip the greedy-generation metric")
+    r.add_argument("--quiet", action="store_true", help="no progress bars")
+    return ap
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    from .run import DEFAULT_EDITORS, RunConfig, format_table, run
+
+    cfg = RunConfig(editors=args.editor or DEFAULT_EDITORS, turns=args.turns, edits_per_turn=args.edits_per_turn,
+                    warmup_turns=args.warmup_turns, warmup_at=args.warmup_at, lr=args.lr, alpha=args.alpha,
+                    targets=args.targets, model=args.model, dtype=args.dtype, dataset=args.dataset, data=args.data,
+                    train_data=args.train_data, seed=args.seed, eval_every=args.eval_every,
+                    max_length=args.max_length, skip_bad_rows=args.skip_bad_rows,
+                    generation=not args.no_generation)
+    unknown = [e for e in cfg.editors if e not in REGISTRY]
+    if unknown:
+        print(f"lnjax run: unknown editor(s) {unknown}; known: {sorted(REGISTRY)}", file=sys.stderr)
+        return 2
+    out = args.out or os.path.join("runs", time.strftime("%Y%m%d-%H%M%S"))
+    results = run(cfg, out, progress=not args.quiet)
+    print(format_table(results))
+    print(f"run directory: {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,269 @@
+"""Readers for the published edit datasets in their exact JSON schemas (REFERENCE.md §9), and tokenization.
+
+Files are JSON arrays; the first ``n`` rows are used, in order, and the array is parsed incrementally so a 2M-row
+file is never held in memory twice (nor read past row ``n``). Every problem raises ``DataError`` naming the file,
+the row and the field; ``skip_bad_rows=True`` skips such rows instead and counts them (never silently).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import random
+from typing import Callable, Iterator, Optional, Sequence
+
+DATASETS = ("zsre", "fever", "wikibigedit", "ultraeditbench", "counterfact")
+
+
+class DataError(ValueError):
+    """Bad input data; the message names file, row and field."""
+
+
+@dataclasses.dataclass(frozen=True)
+class EditRecord:
+    """One edit: ``prompt`` → ``target``, a ``paraphrase`` (same target), an unrelated ``loc_prompt`` with its gold
+    ``loc_answer``, and optional ``extra`` probes ``((name, prompt, answer), ...)`` (WikiBigEdit's personas and
+    multi-hop). ``source`` and ``row`` say where it came from."""
+
+    prompt: str
+    target: str
+    paraphrase: str
+    loc_prompt: str
+    loc_answer: str
+    extra: tuple = ()
+    source: str = ""
+    row: int = -1
+
+
+@dataclasses.dataclass
+class ReadReport:
+    """What a reader did: rows read and rows skipped (with their errors) under ``skip_bad_rows``."""
+
+    rows: int = 0
+    skipped: list = dataclasses.field(default_factory=list)
+
+
+def iter_json_array(path: str, chunk_size: int = 1 << 20) -> Iterator[tuple[int, object]]:
+    """Yield ``(row, value)`` for each element of the JSON array in ``path``, reading ``chunk_size`` characters
+    at a time (memory: one chunk plus the element being parsed)."""
+    decoder = json.JSONDecoder()
+    with open(path, "r", encoding="utf-8") as f:
+        buf, pos, eof = "", 0, False
+
+        def fill() -> bool:
+            nonlocal buf, pos, eof
+            more = f.read(chunk_size)
+            if not more:
+                eof = True
+                return False
+            buf, pos = buf[pos:] + more, 0
+            return True
+
+        def peek() -> Optional[str]:
+            nonlocal pos
+            while True:
+                while pos < len(buf) and buf[pos] in " \t\r\n":
+                    pos += 1
+                if pos < len(buf):
+                    return buf[pos]
+                if not fill():
+                    return None
+
+        c = peek()
+        if c is None:
+            raise DataError(f"{path}: empty file (expected a JSON array)")
+        if c != "[":
+            kind = "JSON lines or a single object" if c == "{" else repr(c)
+            raise DataError(f"{path}: expected a JSON array, found {kind} at the start of the file")
+        pos += 1
+        if peek() == "]":
+            return
+        row = 0
+        while True:
+            if peek() is None:
+                raise DataError(f"{path}: row {row}: file ends inside the JSON array")
+            while True:
+                try:
+                    value, end = decoder.raw_decode(buf, pos)
+                    if end < len(buf) or eof or not fill():  # a number may continue in the next chunk
+                        break
+                except json.JSONDecodeError as e:
+                    if not fill():
+                        raise DataError(f"{path}: row {row}: invalid JSON ({e.msg})") from None
+            pos = end
+            yield row, value
+            row += 1
+            c = peek()
+            if c == "]":
+                return
+            if c is None:
+                raise DataError(f"{path}: row {row}: file ends inside the JSON array")
+            if c != ",":
+                raise DataError(f"{path}: row {row}: expected ',' between array elements, found {c!r}")
+            pos += 1
+
+
+class _Row:
+    """Field access for one raw row with errors that name file, row and field."""
+
+    def __init__(self, path: str, row: int, value):
+        if not isinstance(value, dict):
+            raise DataError(f"{path}: row {row}: expected a JSON object, found {type(value).__name__}")
+        self.path, self.row, self.value = path, row, value
+
+    def err(self, field: str, msg: str) -> DataError:
+        return DataError(f"{self.path}: row {self.row}: field {field!r}: {msg}")
+
+    def get(self, dotted: str, optional: bool = False):
+        node = self.value
+        for part in dotted.split("."):
+            if not isinstance(node, dict) or part not in node:
+                if optional:
+                    return None
+                raise self.err(dotted, "missing")
+            node = node[part]
+        return node
+
+    def text(self, dotted: str, optional: bool = False) -> Optional[str]:
+        v = self.get(dotted, optional)
+        if v is None and optional:
+            return None
+        if not isinstance(v, str):
+            raise self.err(dotted, f"expected a string, found {type(v).__name__}")
+        if not v.strip():
+            raise self.err(dotted, "empty")
+        return v
+
+    def text_list(self, dotted: str) -> list[str]:
+        v = self.get(dotted)
+        if not isinstance(v, list) or not v:
+            raise self.err(dotted, f"expected a non-empty list of strings, found {type(v).__name__}")
+        for i, x in enumerate(v):
+            if not isinstance(x, str) or not x.strip():
+                raise self.err(f"{dotted}[{i}]", "expected a non-empty string")
+        return v
+
+
+def _zsre(r: _Row, rng) -> EditRecord:
+    return EditRecord(r.text("src"), r.text("ans"), r.text("rephrase"), r.text("loc") + "?", r.text("loc_ans"))
+
+
+def _fever(r: _Row, rng) -> EditRecord:
+    return EditRecord(r.text("prompt"), r.text("alt"), rng.choice(r.text_list("equiv_prompt")),
+                      r.text("unrel_prompt"), r.text("unrel_ans"))
+
+
+def _wikibigedit(r: _Row, rng) -> EditRecord:
+    extra = []
+    personas = r.text("personas", optional=True)
+    if personas is not None:
+        extra.append(("personas", personas, r.text("ans")))
+    mhop = r.text("mhop", optional=True)
+    if mhop is not None:
+        extra.append(("multi_hop", mhop, r.text("mhop_ans")))
+    return EditRecord(r.text("update"), r.text("ans"), r.text("rephrase"), r.text("loc"), r.text("loc_ans"),
+                      tuple(extra))
+
+
+def _ultraeditbench(r: _Row, rng) -> EditRecord:
+    return EditRecord(r.text("prompt"), r.text("ans"), r.text("rephrase_prompt"), r.text("loc"), r.text("loc_ans"))
+
+
+def _counterfact(r: _Row, rng) -> EditRecord:
+    template = r.text("requested_rewrite.prompt")
+    if "{}" not in template:
+        raise r.err("requested_rewrite.prompt", "has no '{}' for the subject")
+    prompt = template.replace("{}", r.text("requested_rewrite.subject"))
+    return EditRecord(prompt, r.text("requested_rewrite.target_new.str"), r.text_list("paraphrase_prompts")[0],
+                      r.text_list("neighborhood_prompts")[0], r.text("requested_rewrite.target_true.str"))
+
+
+_PARSERS: dict[str, Callable] = {"zsre": _zsre, "fever": _fever, "wikibigedit": _wikibigedit,
+                                 "ultraeditbench": _ultraeditbench, "counterfact": _counterfact}
+
+
+def read(dataset: str, path: str, n: Optional[int] = None, *, seed: int = 0, skip_bad_rows: bool = False,
+         report: Optional[ReadReport] = None) -> list[EditRecord]:
+    """The first ``n`` records (all when None) of ``path`` in ``dataset``'s schema.
+
+    With ``skip_bad_rows`` a bad row is skipped and recorded in ``report.skipped``; fewer than ``n`` good rows
+    then raise. FEVER's paraphrase is a choice from ``equiv_prompt`` seeded by ``seed``.
+    """
+    if dataset not in _PARSERS:
+        raise ValueError(f"unknown dataset {dataset!r}; known: {DATASETS}")
+    parse = _PARSERS[dataset]
+    rng = random.Random(seed)
+    report = report if report is not None else ReadReport()
+    out = []
+    for row, value in iter_json_array(path):
+        if n is not None and len(out) >= n:
+            break
+        report.rows += 1
+        try:
+            rec = parse(_Row(path, row, value), rng)
+        except DataError as e:
+            if not skip_bad_rows:
+                raise
+            report.skipped.append(str(e))
+            continue
+        out.append(dataclasses.replace(rec, source=path, row=row))
+    if n is not None and len(out) < n:
+        raise DataError(f"{path}: {n} records were asked for, the file has {len(out)} usable rows"
+                        + (f" ({len(report.skipped)} skipped as bad)" if report.skipped else ""))
+    return out
+
+
+def records_from_dicts(dataset: str, rows: Sequence[dict], source: str = "<memory>", seed: int = 0
+                       ) -> list[EditRecord]:
+    """Parse in-memory rows (e.g. ``World.records``) with the same schema checks as ``read``."""
+    parse = _PARSERS[dataset]
+    rng = random.Random(seed)
+    return [dataclasses.replace(parse(_Row(source, i, v), rng), source=source, row=i) for i, v in enumerate(rows)]
+
+
+@dataclasses.dataclass
+class TokenizedRecord:
+    """Token ids of one record's probes: ``edit``, ``paraphrase``, ``locality`` and ``extra`` (name -> pair),
+    each a (prompt_ids, answer_ids) pair."""
+
+    edit: tuple
+    paraphrase: tuple
+    locality: tuple
+    extra: dict
+
+
+def tokenize(records: Sequence[EditRecord], tok, max_length: Optional[int] = None, *,
+             skip_bad_rows: bool = False, report: Optional[ReadReport] = None) -> list[TokenizedRecord]:
+    """Reference tokenization (REFERENCE.md §2): prompt with special tokens, ``" " + answer`` without.
+
+    An answer that tokenizes to nothing, or a probe longer than ``max_length`` tokens (prompt + answer - 1),
+    raises DataError naming file, row and field (or is skipped and counted with ``skip_bad_rows``).
+    """
+    out = []
+    for rec in records:
+        try:
+            pairs = {}
+            probes = [("edit", rec.prompt, rec.target, "target"), ("paraphrase", rec.paraphrase, rec.target, "target"),
+                      ("locality", rec.loc_prompt, rec.loc_answer, "loc_answer")]
+            probes += [(name, p, a, name) for name, p, a in rec.extra]
+            for name, prompt, answer, answer_field in probes:
+                p_ids = tok.encode(prompt)
+                a_ids = tok.encode(" " + answer, add_special_tokens=False)
+                where = f"{rec.source}: row {rec.row}"
+                if not a_ids:
+                    raise DataError(f"{where}: field {answer_field!r}: answer {answer!r} tokenizes to nothing")
+                if not p_ids:
+                    raise DataError(f"{where}: field {name!r}: prompt tokenizes to nothing")
+                if max_length is not None and len(p_ids) + len(a_ids) - 1 > max_length:
+                    raise DataError(f"{where}: field {name!r}: {len(p_ids) + len(a_ids) - 1} tokens, more than "
+                                    f"the configured length {max_length}")
+                pairs[name] = (p_ids, a_ids)
+        except DataError as e:
+            if not skip_bad_rows:
+                raise
+            if report is not None:
+                report.skipped.append(str(e))
+            continue
+        extra = {k: v for k, v in pairs.items() if k not in ("edit", "paraphrase", "locality")}
+        out.append(TokenizedRecord(pairs["edit"], pairs["paraphrase"], pairs["locality"], extra))
+    return out

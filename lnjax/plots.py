@@ -1,0 +1,61 @@
+"""PNG figures of a run directory (matplotlib, no display needed)."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+
+def _pyplot():
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def plot_run(out_dir: str, results: dict, diag_lines: list[dict]) -> list[str]:
+    """``metrics.png`` (metrics vs edits so far) and ``updates.png`` (‖ΔW‖ and consecutive cosine per turn)."""
+    plt = _pyplot()
+    paths = []
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    for name, m in results["editors"].items():
+        curve = m.get("during_run") or []
+        if not curve:
+            continue
+        x = [c["edits"] for c in curve]
+        axes[0].plot(x, [c["teacher_forced"]["efficacy"] for c in curve], marker="o", label=name)
+        axes[1].plot(x, [c["teacher_forced"]["generalization"] for c in curve], marker="o", label=name)
+        axes[2].plot(x, [c["locality_vs_unedited"] for c in curve], marker="o", label=name)
+    for ax, title in zip(axes, ("efficacy (teacher-forced)", "generalization (teacher-forced)",
+                                "locality vs unedited")):
+        ax.set_title(title)
+        ax.set_xlabel("edits so far")
+        ax.set_ylim(-0.02, 1.02)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    paths.append(os.path.join(out_dir, "metrics.png"))
+    fig.savefig(paths[-1], dpi=110)
+    plt.close(fig)
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.6))
+    editors = sorted({d["editor"] for d in diag_lines}, key=lambda e: list(results["editors"]).index(e))
+    for name in editors:
+        rows = [d for d in diag_lines if d["editor"] == name]
+        turns = np.arange(len(rows))
+        axes[0].plot(turns, [np.mean(list(d["delta_norm"].values())) for d in rows], label=name)
+        axes[1].plot(turns, [np.mean(list(d["cosine"].values())) for d in rows], label=name)
+    axes[0].set_title("‖ΔW_t‖_F (mean over targets)")
+    axes[0].set_yscale("log")
+    axes[1].set_title("cos(ΔW_t, ΔW_{t-1}) (mean over targets)")
+    axes[1].axhline(0.0, color="k", lw=0.5)
+    for ax in axes:
+        ax.set_xlabel("turn (warm-up included)")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    paths.append(os.path.join(out_dir, "updates.png"))
+    fig.savefig(paths[-1], dpi=110)
+    plt.close(fig)
+    return paths

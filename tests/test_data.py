@@ -1,0 +1,129 @@
+import json
+
+import numpy as np
+import pytest
+
+from lnjax import data
+from lnjax.data import DataError
+from lnjax.world import World, WorldSpec
+
+ZSRE = [{"subject": "Ann", "src": "Who is Ann's father?", "pred": "Bob", "rephrase": "Ann's father is who?",
+         "alt": "Carl", "ans": "Carl", "loc": "nq question: where is paris", "loc_ans": "France",
+         "cond": "Bob >> Carl || Who is Ann's father?"}] * 3
+FEVER = [{"prompt": "Is the sky green?", "alt": "yes", "equiv_prompt": ["Sky green?", "Green sky?"],
+          "unrel_prompt": "Is water wet?", "unrel_ans": "yes"}] * 2
+WIKI = [{"update": "The CEO of X is", "ans": "Y", "rephrase": "X's CEO is", "loc": "The capital of Z is",
+         "loc_ans": "W", "personas": "As a poet: the CEO of X is", "mhop": "The CEO of X was born in",
+         "mhop_ans": "V"},
+        {"update": "The CEO of Q is", "ans": "R", "rephrase": "Q's CEO is", "loc": "The capital of Z is",
+         "loc_ans": "W", "personas": None, "mhop": None, "mhop_ans": None}]
+UEB = [{"prompt": "A is located in", "ans": "B", "rephrase_prompt": "Where is A? In", "loc": "C is in",
+        "loc_ans": "D", "subject": "A"}] * 2
+CF = [{"case_id": 0, "requested_rewrite": {"prompt": "{} plays the", "subject": "Miles Davis",
+                                           "target_new": {"str": "piano"}, "target_true": {"str": "trumpet"}},
+       "paraphrase_prompts": ["Miles Davis performs on the"], "neighborhood_prompts": ["Louis Armstrong plays the"]}]
+
+
+def _write(tmp_path, name, rows):
+    p = tmp_path / name
+    p.write_text(json.dumps(rows))
+    return str(p)
+
+
+def test_each_reader_maps_its_schema(tmp_path):
+    z = data.read("zsre", _write(tmp_path, "z.json", ZSRE), 2)
+    assert len(z) == 2 and z[0].prompt == "Who is Ann's father?" and z[0].target == "Carl"
+    assert z[0].loc_prompt == "nq question: where is paris?" and z[1].row == 1
+    f = data.read("fever", _write(tmp_path, "f.json", FEVER), 2, seed=3)
+    assert f[0].paraphrase in FEVER[0]["equiv_prompt"] and f[0].target == "yes" and f[0].loc_answer == "yes"
+    assert [r.paraphrase for r in f] == [r.paraphrase for r in data.read("fever", _write(tmp_path, "f.json", FEVER), 2, seed=3)]
+    w = data.read("wikibigedit", _write(tmp_path, "w.json", WIKI))
+    assert dict((n, (p, a)) for n, p, a in w[0].extra) == {"personas": ("As a poet: the CEO of X is", "Y"),
+                                                           "multi_hop": ("The CEO of X was born in", "V")}
+    assert w[1].extra == ()
+    u = data.read("ultraeditbench", _write(tmp_path, "u.json", UEB), 1)
+    assert u[0].paraphrase == "Where is A? In"
+    c = data.read("counterfact", _write(tmp_path, "c.json", CF))
+    assert c[0].prompt == "Miles Davis plays the" and c[0].target == "piano" and c[0].loc_answer == "trumpet"
+
+
+@pytest.mark.parametrize("mutate,match", [
+    (lambda r: r.pop("ans"), r"row 1: field 'ans': missing"),
+    (lambda r: r.update(src=17), r"row 1: field 'src': expected a string, found int"),
+    (lambda r: r.update(ans="  "), r"row 1: field 'ans': empty"),
+])
+def test_malformed_rows_name_file_row_and_field(tmp_path, mutate, match):
+    rows = [dict(r) for r in ZSRE]
+    mutate(rows[1])
+    path = _write(tmp_path, "bad.json", rows)
+    with pytest.raises(DataError, match=match) as e:
+        data.read("zsre", path, 3)
+    assert "bad.json" in str(e.value)
+    report = data.ReadReport()
+    good = data.read("zsre", path, 2, skip_bad_rows=True, report=report)
+    assert len(good) == 2 and len(report.skipped) == 1 and [g.row for g in good] == [0, 2]
+
+
+def test_json_lines_and_truncated_files_are_refused(tmp_path):
+    p = tmp_path / "lines.json"
+    p.write_text("\n".join(json.dumps(r) for r in ZSRE))
+    with pytest.raises(DataError, match="expected a JSON array, found JSON lines"):
+        data.read("zsre", str(p))
+    p.write_text(json.dumps(ZSRE)[:-40])
+    with pytest.raises(DataError, match=r"lines.json: row 2"):
+        data.read("zsre", str(p))
+    with pytest.raises(DataError, match="3 records were asked for, the file has 2"):
+        data.read("fever", _write(tmp_path, "f.json", FEVER), 3)
+
+
+def test_streaming_reads_only_the_rows_asked_for(tmp_path):
+    rows = [dict(UEB[0], prompt=f"A{i} is located in") for i in range(5000)]
+    path = _write(tmp_path, "big.json", rows)
+    report = data.ReadReport()
+    got = data.read("ultraeditbench", path, 10, report=report)
+    assert [g.prompt for g in got] == [f"A{i} is located in" for i in range(10)] and report.rows == 10
+    assert sum(1 for _ in data.iter_json_array(path, chunk_size=333)) == 5000
+
+
+def test_tokenization_errors_name_row_and_field():
+    world = World(WorldSpec(n_subjects=50))
+    tok = world.tokenizer()
+    recs = data.records_from_dicts("zsre", world.records("edit", 3), "world")
+    t = data.tokenize(recs, tok)
+    p, a = t[0].edit
+    assert p[0] == 1 and len(a) >= 1 and p == tok.encode(recs[0].prompt)
+    bad = [recs[0], data.EditRecord("where does x live ?", "!!", "p", "l", "x", source="f.json", row=7)]
+    with pytest.raises(DataError, match=r"f.json: row 7: field 'target': answer '!!' tokenizes to nothing"):
+        data.tokenize(bad, _NoPunct(tok))
+    with pytest.raises(DataError, match=r"world: row 0: field 'edit': \d+ tokens, more than the configured length 3"):
+        data.tokenize(recs, tok, max_length=3)
+    report = data.ReadReport()
+    assert len(data.tokenize(bad, _NoPunct(tok), skip_bad_rows=True, report=report)) == 1
+    assert len(report.skipped) == 1
+
+
+class _NoPunct:
+    """A tokenizer that drops punctuation-only words, so some answers tokenize to nothing."""
+
+    def __init__(self, tok):
+        self.tok = tok
+
+    def encode(self, text, add_special_tokens=True):
+        kept = " ".join(w for w in text.split() if any(ch.isalnum() for ch in w))
+        return self.tok.encode(kept, add_special_tokens) if kept or add_special_tokens else []
+
+
+def test_world_is_deterministic_and_splits_are_disjoint():
+    a, b = World(WorldSpec(seed=5, n_subjects=200)), World(WorldSpec(seed=5, n_subjects=200))
+    assert a.records("edit", 20) == b.records("edit", 20)
+    assert a.records("edit", 20, seed=1) != a.records("edit", 20)
+    pools = [set(a.pools[k]) for k in ("edit", "train", "locality")]
+    assert not (pools[0] & pools[1]) and not (pools[0] & pools[2]) and not (pools[1] & pools[2])
+    for r in a.records("edit", 50):
+        assert r["ans"] != r["pred"] and r["src"] != r["rephrase"] and r["subject"] in r["src"]
+        rel = next(x for x in a.relations if x.name == r["relation"])
+        assert r["ans"] in rel.answers
+    lens = [len(a.tokenizer().encode(" " + x, False)) for rel in a.relations for x in rel.answers]
+    assert max(lens) >= 2 and min(lens) == 1
+    with pytest.raises(ValueError, match="pool has"):
+        a.records("edit", 10 ** 6)
