@@ -45,6 +45,12 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--max-length", type=int, default=None, help="refuse probes longer than this many tokens")
     r.add_argument("--skip-bad-rows", action="store_true", help="skip (and count) malformed rows instead of failing")
     r.add_argument("--no-generation", action="store_true", help="skip the greedy-generation metric")
+    r.add_argument("--checkpoint-dir", default=None, help="checkpoint every chunk into this directory")
+    r.add_argument("--resume", default=None, metavar="DIR",
+                   help="continue the run checkpointed in DIR (its saved config is used; other flags must agree)")
+    r.add_argument("--on-nonfinite", choices=("skip", "stop"), default="skip",
+                   help="a turn with a non-finite shift is rejected; then go on (skip) or stop the run")
+    r.add_argument("--mesh", default=None, help="device mesh, e.g. data=2,model=4 (weights over model, edits over data)")
     r.add_argument("--quiet", action="store_true", help="no progress bars")
     return ap
 
@@ -59,12 +65,33 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                     train_data=args.train_data, seed=args.seed, eval_every=args.eval_every,
                     max_length=args.max_length, skip_bad_rows=args.skip_bad_rows,
                     generation=not args.no_generation)
+    checkpoint_dir = args.checkpoint_dir
+    if args.resume:
+        import dataclasses
+        import json
+        saved_file = os.path.join(args.resume, "config.json")
+        if not os.path.exists(saved_file):
+            print(f"lnjax run: {saved_file}: no checkpointed run there", file=sys.stderr)
+            return 2
+        with open(saved_file) as f:
+            saved = json.load(f)
+        defaults = RunConfig().to_json()
+        given = {k: v for k, v in cfg.to_json().items() if v != defaults[k]}
+        diffs = {k: (saved.get(k), v) for k, v in given.items() if saved.get(k) != v}
+        if diffs:
+            print(f"lnjax run: --resume {args.resume}: flags differ from the saved run (saved, given): {diffs}",
+                  file=sys.stderr)
+            return 2
+        fields = {f.name for f in dataclasses.fields(RunConfig)}
+        cfg = RunConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in saved.items() if k in fields})
+        checkpoint_dir = args.resume
     unknown = [e for e in cfg.editors if e not in REGISTRY]
     if unknown:
         print(f"lnjax run: unknown editor(s) {unknown}; known: {sorted(REGISTRY)}", file=sys.stderr)
         return 2
     out = args.out or os.path.join("runs", time.strftime("%Y%m%d-%H%M%S"))
-    results = run(cfg, out, progress=not args.quiet)
+    results = run(cfg, out, progress=not args.quiet, checkpoint_dir=checkpoint_dir, resume=bool(args.resume),
+                  on_nonfinite=args.on_nonfinite, mesh=args.mesh)
     print(format_table(results))
     print(f"run directory: {out}")
     return 0

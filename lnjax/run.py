@@ -115,10 +115,21 @@ def _editor(name: str, cfg: RunConfig, is_world: bool):
 
 
 def run(cfg: RunConfig, out_dir: Optional[str] = None, log: Callable[[str], None] = print,
-        progress: bool = True) -> dict:
-    """Run every editor of ``cfg`` on the same edits; returns the results dict (also written to ``out_dir``)."""
+        progress: bool = True, checkpoint_dir: Optional[str] = None, resume: bool = False,
+        on_nonfinite: str = "skip", mesh: Optional[str] = None) -> dict:
+    """Run every editor of ``cfg`` on the same edits; returns the results dict (also written to ``out_dir``).
+
+    With ``checkpoint_dir`` each editor's run is checkpointed after every chunk under ``checkpoint_dir/<editor>``
+    and a finished editor leaves ``done.json`` there; ``resume=True`` skips finished editors and continues the
+    interrupted one, so the outputs equal an uninterrupted run's except under ``metadata``. ``mesh`` (e.g.
+    ``"data=2,model=4"``) runs the edits sharded over devices (``lnjax.sharding``).
+    """
     t_start = time.time()
     model, tok, targets = _load_model(cfg)
+    device_mesh = None
+    if mesh:
+        from .sharding import make_mesh
+        device_mesh = make_mesh(mesh)
     n = cfg.turns * cfg.edits_per_turn
     warm_turns = {name: (cfg.warmup_turns if cfg.warmup_turns is not None
                          else (max(1, cfg.turns // 10) if _uses_warmup(name) else 0)) for name in cfg.editors}
@@ -140,15 +151,28 @@ def run(cfg: RunConfig, out_dir: Optional[str] = None, log: Callable[[str], None
     diag_lines: list[dict] = []
     timings = {}
     chunk = cfg.eval_every if cfg.eval_every > 0 else cfg.chunk
+    if checkpoint_dir:
+        os.makedirs(checkpoint_dir, exist_ok=True)
+        with open(os.path.join(checkpoint_dir, "config.json"), "w") as f:
+            json.dump(cfg.to_json(), f, indent=2)
     for name in cfg.editors:
+        ck_dir = os.path.join(checkpoint_dir, name) if checkpoint_dir else None
+        done_file = os.path.join(ck_dir, "done.json") if ck_dir else None
+        if resume and done_file and os.path.exists(done_file):
+            with open(done_file) as f:
+                done = json.load(f)
+            results["editors"][name], timings[name] = done["metrics"], done["timings"]
+            diag_lines.extend(done["diagnostics"])
+            log(f"{name}: finished before the interruption; results taken from {done_file}")
+            continue
         editor = _editor(name, cfg, cfg.dataset == "world")
         r = warm_turns[name]
         warm = pack_turns([t.edit for t in warm_tok[:r * cfg.edits_per_turn]], cfg.edits_per_turn, length)[0] \
             if r else None
-        curve = []
+        host = {"curve": []}
         target_turn = _target_turns(cfg, r)
 
-        def on_chunk(done, carry, diag, target_turn=target_turn, curve=curve):
+        def on_chunk(done, carry, diag, target_turn=target_turn, host=host):
             applied = int(np.sum(target_turn[:done] >= 0))
             if cfg.eval_every <= 0 or applied == 0:
                 return
@@ -158,30 +182,36 @@ def run(cfg: RunConfig, out_dir: Optional[str] = None, log: Callable[[str], None
                                   ("teacher_forced", "locality_vs_unedited"), per_example=True)
             ret = eval_lib.retention_by_turn(m["per_example"]["teacher_forced.efficacy"],
                                              turn_of_example[:applied * cfg.edits_per_turn], cfg.turns)
-            curve.append({"edits": applied * cfg.edits_per_turn, "turns": applied,
+            host["curve"].append({"edits": applied * cfg.edits_per_turn, "turns": applied,
                           "teacher_forced": m["teacher_forced"], "locality_vs_unedited": m["locality_vs_unedited"],
                           "retention_by_turn": [None if np.isnan(x) else float(x) for x in ret[:applied]]})
 
         t0 = time.time()
         res = edit_sequence(model, editor, batches, targets, warmup=warm, warmup_at=cfg.warmup_at, chunk=chunk,
                             minibatch_size=cfg.minibatch_size, track_accuracy=True, progress=progress,
-                            callback=on_chunk)
+                            callback=on_chunk, checkpoint_dir=ck_dir, resume=resume, host_state=host,
+                            run_config=cfg.to_json(), on_nonfinite=on_nonfinite, log=log, mesh=device_mesh)
         jax.block_until_ready(res.params)
         t_edit = time.time() - t0
         metrics = eval_lib.evaluate(model.apply, res.params, eval_set, base_loc, protocols)
-        metrics["during_run"] = curve
+        metrics["during_run"] = host["curve"]
         metrics["rejected_turns"] = int(res.editor_state.rejected)
         results["editors"][name] = metrics
         timings[name] = {"edit_seconds": t_edit, "eval_seconds": time.time() - t0 - t_edit}
         d = res.diagnostics
+        lines = []
         for i in range(len(d["loss"])):
-            diag_lines.append({
+            lines.append({
                 "editor": name, "turn": i, "target_turn": int(d["target_turn"][i]), "warmup": bool(d["warmup"][i]),
                 "loss": float(d["loss"][i]), "rows": int(d["rows"][i]), "accuracy": float(d["accuracy"][i]),
                 "delta_norm": {t: float(x) for t, x in zip(targets, d["delta_norm"][i])},
                 "cosine": {t: float(x) for t, x in zip(targets, d["cosine"][i])},
                 "count": [int(x) for x in d["count"][i]], "rejected": int(d["rejected"][i]),
             })
+        diag_lines.extend(lines)
+        if done_file:
+            with open(done_file, "w") as f:
+                json.dump({"metrics": metrics, "timings": timings[name], "diagnostics": lines}, f)
         log(f"{name}: edited {n} facts in {t_edit:.1f}s")
     rows_edited = int((np.asarray(batches.labels) != -100).sum())
     d_in_total = sum(int(get_module(model.params, t)["kernel"].shape[0]) for t in targets)

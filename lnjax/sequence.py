@@ -9,6 +9,7 @@ checkpoints or evaluation can run between chunks.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 from typing import Any, Callable, Optional, Sequence
 
 import jax
@@ -25,12 +26,14 @@ WARMUP_POSITIONS = ("start", "q1", "middle", "q3", "end", "none")
 
 @struct.dataclass
 class RunCarry:
-    """What the scan carries from turn to turn: edited ``kernels`` (model dtype), ``editor_state``, and
-    ``prev_deltas`` (float32, the last applied shift per target, for the consecutive-shift cosine)."""
+    """What the scan carries from turn to turn: edited ``kernels`` (model dtype), ``editor_state``,
+    ``prev_deltas`` (float32, the last applied shift per target, for the consecutive-shift cosine) and
+    ``halted`` (set by a rejected turn when the run stops on non-finite shifts; later turns are then no-ops)."""
 
     kernels: dict
     editor_state: EditorState
     prev_deltas: dict
+    halted: jax.Array
 
 
 @dataclasses.dataclass
@@ -104,18 +107,22 @@ def edit_accuracy(logits: jax.Array, labels: jax.Array) -> tuple[jax.Array, jax.
 
 
 def make_turn_fn(apply: Callable, editor: Editor, targets: Sequence[str], *, minibatch_size: int = 10,
-                 max_rows: Optional[int] = None, track_accuracy: bool = False) -> Callable:
+                 max_rows: Optional[int] = None, track_accuracy: bool = False,
+                 stop_on_nonfinite: bool = False) -> Callable:
     """The scan body ``turn(carry, frozen, (batch, is_warmup, active)) -> (carry, diagnostics)``.
 
     One turn: features on the pre-turn model, editor update, shifts added in the kernels' dtype. An inactive
     (padding) turn leaves the carry bit for bit unchanged. Diagnostics per turn: ``delta_norm`` and ``cosine``
     [n_targets], ``count`` [n_groups], ``loss``, ``rows``, ``rejected`` and, with ``track_accuracy``,
     ``accuracy`` (the turn's own teacher-forced edit accuracy right after its shift, one more forward pass).
+    A turn whose shift is non-finite is rejected by the editor (nothing changes); with ``stop_on_nonfinite`` it
+    also halts the run, so every later turn is inactive.
     """
     targets = tuple(targets)
 
     def turn(carry: RunCarry, frozen, xs):
         batch, is_warmup, active = xs
+        active = active & ~carry.halted
         params = join(frozen, carry.kernels)
         feats, loss, n_rows = turn_features(apply, params, targets, batch, minibatch_size=minibatch_size,
                                             max_rows=max_rows)
@@ -127,14 +134,16 @@ def make_turn_fn(apply: Callable, editor: Editor, targets: Sequence[str], *, min
             nd, np_ = jnp.linalg.norm(d), jnp.linalg.norm(p)
             norms.append(nd)
             cosines.append(jnp.where((nd > 0) & (np_ > 0), jnp.sum(d * p) / jnp.maximum(nd * np_, 1e-30), 0.0))
+        rejected_now = est.rejected > carry.editor_state.rejected
         new = RunCarry(kernels=kernels, editor_state=est,
                        prev_deltas={t: jnp.where(jnp.linalg.norm(deltas[t]) > 0, deltas[t], carry.prev_deltas[t])
-                                    for t in targets})
+                                    for t in targets},
+                       halted=carry.halted | (rejected_now & stop_on_nonfinite))
         new = jax.tree_util.tree_map(lambda a, b: jnp.where(active, a, b), new, carry)
         diag = {
             "delta_norm": jnp.stack(norms), "cosine": jnp.stack(cosines), "loss": loss, "rows": n_rows,
             "count": jnp.stack([s.count for s in est.stats.values()]) if est.stats else jnp.zeros((0,), jnp.int32),
-            "rejected": est.rejected,
+            "rejected": est.rejected, "active": active,
         }
         if track_accuracy:
             logits = apply(join(frozen, kernels), batch.input_ids, batch.attention_mask)
@@ -155,7 +164,7 @@ def init_carry(params, editor: Editor, targets: Sequence[str], editor_state: Opt
     if editor_state is None:
         editor_state = editor.init({t: tuple(k.shape) for t, k in kernels.items()})
     prev = {t: jnp.zeros(k.shape, jnp.float32) for t, k in kernels.items()}
-    carry = RunCarry(kernels=kernels, editor_state=editor_state, prev_deltas=prev)
+    carry = RunCarry(kernels=kernels, editor_state=editor_state, prev_deltas=prev, halted=jnp.zeros((), bool))
     return frozen, jax.tree_util.tree_map(lambda a: jnp.array(a, copy=True), carry)
 
 
@@ -183,21 +192,51 @@ def _slice_chunk(batch: TurnBatch, flags, start: int, size: int):
     return tb, np.concatenate([flags[start:stop], np.zeros(pad, bool)]), active
 
 
+class NonFiniteShift(RuntimeError):
+    """A run stopped because a turn's shift was non-finite (``on_nonfinite="stop"``)."""
+
+
+def fingerprint(batches: TurnBatch, flags: np.ndarray, targets: Sequence[str], editor: Editor, chunk: int,
+                minibatch_size: int) -> dict:
+    """What must match for a checkpoint to be resumed: data digest, schedule, targets, editor config, chunking."""
+    h = hashlib.sha256()
+    for a in (batches.input_ids, batches.attention_mask, batches.labels, flags):
+        arr = np.ascontiguousarray(np.asarray(a))
+        h.update(str(arr.shape).encode())
+        h.update(arr.tobytes())
+    return {"data_sha256": h.hexdigest(), "targets": list(targets), "editor": repr(editor.config),
+            "chunk": chunk, "minibatch_size": minibatch_size}
+
+
 def edit_sequence(model, editor: Editor, batches: TurnBatch, targets: Sequence[str], *,
                   warmup: Optional[TurnBatch] = None, warmup_at: str = "start", chunk: int = 10,
                   minibatch_size: int = 10, max_rows: Optional[int] = None, track_accuracy: bool = False,
                   editor_state: Optional[EditorState] = None, progress: bool = True,
-                  callback: Optional[Callable[[int, RunCarry, dict], None]] = None) -> SequenceResult:
+                  callback: Optional[Callable[[int, RunCarry, dict], None]] = None,
+                  checkpoint_dir: Optional[str] = None, checkpoint_every: int = 1, resume: bool = False,
+                  host_state: Optional[dict] = None, run_config: Optional[dict] = None,
+                  on_nonfinite: str = "skip", log: Callable[[str], None] = print,
+                  mesh=None) -> SequenceResult:
     """Apply ``batches`` ([T, E, L] arrays) one turn after another to ``model`` (``.params``, ``.apply``).
 
     ``warmup`` ([R, E, L]) is inserted as a block at ``warmup_at`` (start | q1 | middle | q3 | end | none);
     warm-up turns update statistics and weights but ``editor.update`` gets ``warmup=True``. ``max_rows`` defaults
     to the most supervised positions of any turn. ``callback(turns_done, carry, diagnostics_so_far)`` runs on the
-    host after each chunk. Returns a ``SequenceResult``; diagnostics also carry ``warmup`` [S] and
-    ``target_turn`` [S] (-1 for warm-up turns).
+    host after each chunk.
+
+    With ``checkpoint_dir`` the run state (carry, cursor, diagnostics, and the JSON-able ``host_state`` dict that
+    callbacks may update) is saved every ``checkpoint_every`` chunks and at the end; ``resume=True`` continues from
+    the newest good checkpoint there (refusing one saved for other data, targets, editor or ``run_config``).
+    ``on_nonfinite``: ``"skip"`` rejects a turn with a non-finite shift and goes on; ``"stop"`` halts the run at
+    that turn and raises ``NonFiniteShift`` (after checkpointing). With a ``mesh`` (``lnjax.sharding``), weights
+    are split over its ``model`` axis and each turn's edits over its ``data`` axis.
+
+    Returns a ``SequenceResult``; diagnostics also carry ``warmup`` [S] and ``target_turn`` [S] (-1 for warm-up).
     """
     if chunk < 1:
         raise ValueError(f"chunk must be >= 1, got {chunk}")
+    if on_nonfinite not in ("skip", "stop"):
+        raise ValueError(f"on_nonfinite must be 'skip' or 'stop', got {on_nonfinite!r}")
     batches = jax.tree_util.tree_map(np.asarray, batches)
     if warmup is not None:
         warmup = jax.tree_util.tree_map(np.asarray, warmup)
@@ -208,21 +247,52 @@ def edit_sequence(model, editor: Editor, batches: TurnBatch, targets: Sequence[s
     elif max_rows < need:
         raise ValueError(f"max_rows={max_rows} is smaller than the {need} supervised positions of the largest turn")
     turn = make_turn_fn(model.apply, editor, targets, minibatch_size=minibatch_size, max_rows=max_rows,
-                        track_accuracy=track_accuracy)
+                        track_accuracy=track_accuracy, stop_on_nonfinite=on_nonfinite == "stop")
     chunk_fn = make_chunk_fn(turn)
     frozen, carry = init_carry(model.params, editor, targets, editor_state)
+    if mesh is not None:
+        from .sharding import replicate, shard_params
+        frozen = shard_params(frozen, mesh)
+        carry = carry.replace(kernels=shard_params(carry.kernels, mesh),
+                              prev_deltas=shard_params(carry.prev_deltas, mesh),
+                              editor_state=replicate(carry.editor_state, mesh), halted=replicate(carry.halted, mesh))
     total = sched.input_ids.shape[0]
     collected: list[dict] = []
-    bar = _progress(total, progress)
-    for start in range(0, total, chunk):
+    host_state = host_state if host_state is not None else {}
+    ckpt, fp, first = None, None, 0
+    if checkpoint_dir is not None:
+        from .checkpoint import RunCheckpointer
+        ckpt = RunCheckpointer(checkpoint_dir)
+        fp = {**fingerprint(sched, flags, targets, editor, chunk, minibatch_size), **(run_config or {})}
+        if resume:
+            got = ckpt.latest(carry, fp, log=log)
+            if got is not None:
+                first, carry, saved_diag, saved_host = got
+                collected = [saved_diag] if saved_diag else []
+                host_state.clear()
+                host_state.update(saved_host)
+                log(f"resuming after {first} of {total} turns from {ckpt.path(first)}")
+    bar = _progress(total, progress, first)
+    for i, start in enumerate(range(first, total, chunk)):
         xs = _slice_chunk(sched, flags, start, chunk)
+        if mesh is not None:
+            from .sharding import shard_turns
+            xs = (shard_turns(xs[0], mesh), xs[1], xs[2])
         carry, diag = chunk_fn(carry, frozen, xs)
         n = min(chunk, total - start)
         collected.append(jax.tree_util.tree_map(lambda a: np.asarray(a)[:n], diag))
         if bar is not None:
             bar.update(n)
+        so_far = _concat(collected)
         if callback is not None:
-            callback(start + n, carry, _concat(collected))
+            callback(start + n, carry, so_far)
+        halted = bool(carry.halted)
+        if ckpt is not None and ((i + 1) % checkpoint_every == 0 or start + n == total or halted):
+            ckpt.save(start + n, carry, so_far, fp, host_state)
+        if halted:
+            bad = int(np.argmax(np.diff(np.concatenate([[0], so_far["rejected"]])) > 0))
+            raise NonFiniteShift(f"turn {bad} produced a non-finite shift; the run stopped there "
+                                 "(weights and statistics are those after the turn before it)")
     if bar is not None:
         bar.close()
     diagnostics = _concat(collected)
@@ -238,8 +308,8 @@ def _concat(parts: list) -> dict:
     return {k: np.concatenate([p[k] for p in parts], axis=0) for k in parts[0]}
 
 
-def _progress(total: int, enabled: bool):
+def _progress(total: int, enabled: bool, initial: int = 0):
     if not enabled:
         return None
     from tqdm.auto import tqdm
-    return tqdm(total=total, desc="edit turns", unit="turn")
+    return tqdm(total=total, initial=initial, desc="edit turns", unit="turn")

@@ -9,7 +9,8 @@ pipeline serve synthetic and real data:
 - ``locality``: facts that are never edited; they supply every record's ``loc`` prompt.
 
 The world's tokenizer is word-level (a ``tokenizers`` WordLevel model with a BOS post-processor), so a model
-trained on the world can be exported as an ordinary HF checkpoint with ``tokenizer.json``.
+trained on the world can be exported as an ordinary HF checkpoint with ``tokenizer.json``. Each invented name
+is one token (a rare-entity token, like a surname a large tokenizer keeps whole); answers are 1-3 tokens.
 """
 
 from __future__ import annotations
@@ -68,7 +69,7 @@ def _names(rng: np.random.Generator, n: int) -> list[str]:
     seen, names = set(), []
     while len(names) < n:
         k = 2 if rng.random() < 0.6 else 3
-        name = " ".join(rng.choice(syllables, size=k))
+        name = "".join(rng.choice(syllables, size=k))
         if name not in seen:
             seen.add(name)
             names.append(name)

@@ -87,7 +87,7 @@ def train(world: World, cfg: ModelConfig, *, epochs: int = 60, batch_size: int =
             ids, mask, labels = (a[w, idx] for a in arrays)
             params, opt_state, loss = step(params, opt_state, ids, mask, labels)
             losses.append(loss)
-        if log and (epoch % 5 == 4 or epoch == epochs - 1):
+        if log:
             log(f"epoch {epoch + 1}/{epochs}  loss {float(np.mean(jax.device_get(losses))):.4f}  "
                 f"{time.time() - t0:.0f}s")
     report = {"epochs": epochs, "batch_size": batch_size, "lr": lr, "seed": seed, "train_seconds": time.time() - t0,

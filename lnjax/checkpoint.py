@@ -1,0 +1,150 @@
+"""Orbax checkpoints of editor state and of whole runs (v1 API).
+
+- ``save(path, tree)`` / ``load(path, like)``: any pytree (an ``EditorState``, a ``RunCarry``), restored into the
+  structure, shapes and dtypes of ``like``; a mismatch or a damaged checkpoint raises ``CheckpointError``.
+- ``RunCheckpointer``: numbered checkpoints of a run (carry + cursor + diagnostics + config) in one directory,
+  written atomically (Orbax writes to a temporary name and renames on success, so a crash mid-save never
+  leaves a checkpoint that loads), the newest ``keep`` kept; ``latest`` falls back to the previous good one when
+  the newest is damaged.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import warnings
+from typing import Any, Optional
+
+import jax
+import numpy as np
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that is missing, damaged or does not match what it is loaded into."""
+
+
+def _ocp():
+    from orbax.checkpoint import v1 as ocp
+    return ocp
+
+
+def _flat(tree) -> dict[str, Any]:
+    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return {jax.tree_util.keystr(p): v for p, v in leaves}
+
+
+def save(path: str, tree: Any, metadata: Optional[dict] = None) -> str:
+    """Save ``tree`` (leaves: arrays or numpy arrays) at ``path``, replacing what is there; returns ``path``."""
+    path = os.path.abspath(path)
+    flat = {k: np.asarray(v) for k, v in _flat(tree).items()}
+    _ocp().save(path, {"leaves": flat}, overwrite=True, custom_metadata=metadata or {})
+    return path
+
+
+def _load_flat(path: str) -> dict:
+    path = os.path.abspath(path)
+    if not os.path.isdir(path):
+        raise CheckpointError(f"{path}: no checkpoint here")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return _ocp().load(path)["leaves"]
+    except Exception as e:  # Orbax raises many types for damaged directories
+        raise CheckpointError(f"{path}: damaged or incomplete checkpoint ({type(e).__name__}: {e})") from None
+
+
+def load(path: str, like: Any) -> Any:
+    """Load the checkpoint at ``path`` into the structure of ``like`` (shapes and dtypes checked)."""
+    flat = _load_flat(path)
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(like)
+    out = []
+    for p, ref in leaves:
+        key = jax.tree_util.keystr(p)
+        if key not in flat:
+            raise CheckpointError(f"{path}: item {key} is missing")
+        arr = np.asarray(flat[key])
+        want_shape, want_dtype = tuple(np.shape(ref)), np.dtype(getattr(ref, "dtype", arr.dtype))
+        if arr.shape != want_shape or arr.dtype != want_dtype:
+            raise CheckpointError(f"{path}: item {key} has shape {arr.shape} {arr.dtype}, expected "
+                                  f"{want_shape} {want_dtype}")
+        out.append(jax.numpy.asarray(arr))
+    extra = set(flat) - {jax.tree_util.keystr(p) for p, _ in leaves}
+    if extra:
+        raise CheckpointError(f"{path}: unexpected items {sorted(extra)[:5]}")
+    return jax.tree_util.tree_unflatten(treedef, out)
+
+
+def metadata(path: str) -> dict:
+    """The custom metadata saved with the checkpoint at ``path``."""
+    try:
+        meta = _ocp().metadata(os.path.abspath(path))
+        return dict(meta.custom_metadata or {})
+    except Exception as e:
+        raise CheckpointError(f"{path}: unreadable checkpoint metadata ({type(e).__name__}: {e})") from None
+
+
+class RunCheckpointer:
+    """Checkpoints ``turn_<n>`` of one run in ``directory``; see the module docstring."""
+
+    PATTERN = re.compile(r"^turn_(\d{8})$")
+
+    def __init__(self, directory: str, keep: int = 2):
+        self.directory = os.path.abspath(directory)
+        self.keep = keep
+        os.makedirs(self.directory, exist_ok=True)
+
+    def steps(self) -> list[int]:
+        """Turn counts of the checkpoints present, oldest first."""
+        out = []
+        for name in os.listdir(self.directory):
+            m = self.PATTERN.match(name)
+            if m:
+                out.append(int(m.group(1)))
+        return sorted(out)
+
+    def path(self, turns_done: int) -> str:
+        return os.path.join(self.directory, f"turn_{turns_done:08d}")
+
+    def save(self, turns_done: int, carry: Any, diagnostics: dict, config: dict,
+             host_state: Optional[dict] = None) -> str:
+        """Save the run after ``turns_done`` scheduled turns (with the JSON-able ``host_state``); prune all but
+        the newest ``keep``."""
+        tree = {"carry": carry, "diagnostics": {k: np.asarray(v) for k, v in diagnostics.items()}}
+        diag_spec = {k: [list(np.shape(v)), str(np.asarray(v).dtype)] for k, v in diagnostics.items()}
+        path = save(self.path(turns_done), tree, {"turns_done": turns_done, "config": config,
+                                                  "diagnostics": diag_spec, "host_state": host_state or {}})
+        for old in self.steps()[:-self.keep]:
+            shutil.rmtree(self.path(old), ignore_errors=True)
+        return path
+
+    def latest(self, like_carry: Any, config: dict, log=print) -> Optional[tuple[int, Any, dict, dict]]:
+        """``(turns_done, carry, diagnostics, host_state)`` of the newest loadable checkpoint, or None.
+
+        A checkpoint saved with a different ``config`` is refused with the differences listed (CheckpointError);
+        a damaged one is reported through ``log`` and the previous one is tried.
+        """
+        for step in reversed(self.steps()):
+            path = self.path(step)
+            try:
+                meta = metadata(path)
+                saved = meta.get("config")
+                if saved is not None and saved != config:
+                    diffs = {k: (saved.get(k), config.get(k)) for k in sorted(set(saved) | set(config))
+                             if saved.get(k) != config.get(k)}
+                    raise ConfigMismatch(f"{path}: the run was saved with a different config; differences "
+                                         f"(saved, now): {json.dumps(diffs)}")
+                diag_like = {k: np.zeros(shape, dtype) for k, (shape, dtype) in meta["diagnostics"].items()}
+                tree = load(path, {"carry": like_carry, "diagnostics": diag_like})
+                diagnostics = {k: np.asarray(v) for k, v in tree["diagnostics"].items()}
+                return int(meta["turns_done"]), tree["carry"], diagnostics, dict(meta.get("host_state") or {})
+            except ConfigMismatch:
+                raise
+            except (CheckpointError, KeyError) as e:
+                log(f"checkpoint {path} is not usable ({e}); trying an older one")
+        return None
+
+
+class ConfigMismatch(CheckpointError):
+    """A resume asked for with a config other than the one the checkpoint was saved with."""

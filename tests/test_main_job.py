@@ -1,0 +1,65 @@
+"""The embedded world model and the main job, on small settings (the full default run is a benchmark)."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from lnjax import world_model
+from lnjax.cli import main
+from lnjax.world import default_world
+
+
+def test_shipped_model_knows_its_world():
+    model = world_model.default_model()
+    world = default_world()
+    rep = world_model.report()
+    assert min(rep["accuracy_by_wording"]) >= 0.95
+    # an independent sample, every wording, scored here
+    rng = np.random.default_rng(0)
+    idx = rng.choice(world.n_facts, 600, replace=False)
+    from lnjax.batching import pack
+    accs = []
+    for examples in world_model.fact_examples(world):
+        accs.append(world_model.fact_accuracy(model.config, model.params, pack([examples[i] for i in idx])))
+    assert min(accs) >= 0.95, accs
+
+
+def test_lnjax_run_writes_a_complete_run_directory(tmp_path, capsys):
+    out = tmp_path / "run"
+    code = main(["run", "--turns", "2", "--edits-per-turn", "20", "--eval-every", "1", "--out", str(out), "--quiet",
+                 "--editor", "stableedit,no_normalization"])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "stableedit" in printed and "no_normalization" in printed and "loc~base" in printed
+    results = json.loads((out / "results.json").read_text())
+    assert set(results) >= {"editors", "metadata"}
+    for name in ("stableedit", "no_normalization"):
+        m = results["editors"][name]
+        assert set(m["teacher_forced"]) >= {"efficacy", "generalization", "specificity"}
+        assert 0.0 <= m["locality_vs_unedited"] <= 1.0
+        assert set(m["generation_exact_match"]) == {"efficacy", "generalization"}
+        assert [c["turns"] for c in m["during_run"]] == [1, 2]
+    assert results["metadata"]["warmup_turns"] == {"stableedit": 1, "no_normalization": 0}
+    lines = [json.loads(x) for x in (out / "diagnostics.jsonl").read_text().splitlines()]
+    assert len(lines) == 3 + 2 and lines[0]["warmup"] and lines[0]["target_turn"] == -1
+    for png in ("metrics.png", "updates.png"):
+        assert (out / png).stat().st_size > 1000
+    assert json.loads((out / "config.json").read_text())["turns"] == 2
+
+
+def test_two_runs_of_one_config_differ_only_in_metadata(tmp_path):
+    outs = []
+    for i in range(2):
+        main(["run", "--turns", "1", "--edits-per-turn", "10", "--editor", "ultraedit", "--no-generation",
+              "--eval-every", "0", "--out", str(tmp_path / f"r{i}"), "--quiet"])
+        r = json.loads((tmp_path / f"r{i}" / "results.json").read_text())
+        r.pop("metadata")
+        outs.append(r)
+    assert outs[0] == outs[1]
+
+
+def test_cli_refuses_unknown_editor(capsys):
+    assert main(["run", "--editor", "memit", "--quiet"]) == 2
+    assert "unknown editor" in capsys.readouterr().err
