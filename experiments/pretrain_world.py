@@ -23,11 +23,16 @@ def main(argv=None):
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--world-seed", type=int, default=0)
     ap.add_argument("--out", default=wm.ASSET_DIR)
+    ap.add_argument("--init-from", default=None, help="continue training the world model saved in this directory")
     args = ap.parse_args(argv)
     world = World(WorldSpec(seed=args.world_seed))
     cfg = wm.default_config(world)
+    init = wm.load(args.init_from).params if args.init_from else None
     params, report = wm.train(world, cfg, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-                              seed=args.seed, log=lambda m: print(m, flush=True))
+                              seed=args.seed, log=lambda m: print(m, flush=True), init=init)
+    if args.init_from:
+        earlier = wm.report(args.init_from)
+        report["continued_from"] = {k: earlier.get(k) for k in ("epochs", "lr", "batch_size", "train_seconds")}
     report["world_spec"] = world.spec.__dict__
     wm.save(args.out, cfg, params, report)
     print(json.dumps(report, indent=2))

@@ -61,6 +61,7 @@ class RunConfig:
     minibatch_size: int = 10
     skip_bad_rows: bool = False
     generation: bool = True
+    editor_options: Optional[dict] = None  # extra keyword options for the editor factories (e.g. whiten=False)
 
     def to_json(self) -> dict:
         return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(self).items()}
@@ -111,6 +112,7 @@ def _editor(name: str, cfg: RunConfig, is_world: bool):
         kwargs["lr"] = lr
     if alpha is not None:
         kwargs["alpha"] = alpha
+    kwargs.update(cfg.editor_options or {})
     return editors_lib.get(name, **kwargs)
 
 

@@ -187,6 +187,33 @@ class World:
             })
         return out
 
+    def edit_stream(self, n: int, seed: int = 0) -> tuple[list[dict], np.ndarray]:
+        """``n`` edit records for horizons longer than the edit pool: passes over the pool's facts in fresh
+        random orders, each pass giving every fact a new counterfactual target (different from its previous one).
+
+        Returns ``(records, fact_id [n])``; the latest record of a fact is the one a horizon study evaluates.
+        """
+        facts = self.all_facts("edit")
+        rng = np.random.default_rng(self.spec.seed * 7919 + seed)
+        loc_facts = self.all_facts("locality")
+        current = {i: int(self.facts[s, r]) for i, (s, r) in enumerate(facts)}
+        out, ids = [], []
+        while len(out) < n:
+            for i in rng.permutation(len(facts))[: n - len(out)]:
+                s, r = facts[i]
+                rel = self.relations[r]
+                new = int(rng.integers(0, len(rel.answers) - 1))
+                new += new >= current[i]
+                current[i] = new
+                ls, lr = loc_facts[rng.integers(0, len(loc_facts))]
+                para = int(rng.integers(1, len(rel.templates)))
+                out.append({"subject": self.subjects[s], "src": self.prompt(s, r, 0),
+                            "rephrase": self.prompt(s, r, para), "ans": rel.answers[new], "alt": rel.answers[new],
+                            "pred": self.answer(s, r), "loc": self.prompt(ls, lr, 0)[:-2],
+                            "loc_ans": self.answer(ls, lr), "relation": rel.name})
+                ids.append(int(i))
+        return out, np.asarray(ids)
+
     def write_records(self, path: str, split: str, n: int, seed: Optional[int] = None) -> str:
         """Write ``records(split, n)`` as a JSON array (the published files' format); returns ``path``."""
         with open(path, "w") as f:
@@ -198,3 +225,9 @@ class World:
 def default_world(seed: int = 0) -> World:
     """The embedded default world (``WorldSpec(seed=seed)``)."""
     return World(WorldSpec(seed=seed))
+
+
+def default_model():
+    """The shipped model pretrained on ``default_world()`` (see ``lnjax.world_model``)."""
+    from .world_model import default_model as _load
+    return _load()

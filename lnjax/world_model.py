@@ -44,11 +44,13 @@ def fact_examples(world: World, tok=None) -> list[list[tuple[list[int], list[int
 
 
 def train(world: World, cfg: ModelConfig, *, epochs: int = 60, batch_size: int = 512, lr: float = 3e-3,
-          seed: int = 0, log: Optional[Callable[[str], None]] = print) -> tuple[dict, dict]:
+          seed: int = 0, log: Optional[Callable[[str], None]] = print, init: Optional[dict] = None,
+          warmup_steps: int = 500) -> tuple[dict, dict]:
     """Pretrain ``cfg`` on every fact of ``world`` (each epoch: every fact once, in a random wording).
 
-    Loss: token cross-entropy on the answer positions only. AdamW with warm-up and cosine decay.
-    Returns ``(params, report)`` where ``report`` has the final teacher-forced accuracy per wording.
+    Loss: token cross-entropy on the answer positions only. AdamW with warm-up and cosine decay; ``init``
+    continues from given parameters. Returns ``(params, report)`` where ``report`` has the final teacher-forced
+    accuracy per wording.
     """
     per_template = fact_examples(world)
     length = max(len(p) + len(a) - 1 for ex in per_template for p, a in ex)
@@ -56,9 +58,9 @@ def train(world: World, cfg: ModelConfig, *, epochs: int = 60, batch_size: int =
     n_facts = len(per_template[0])
     steps_per_epoch = -(-n_facts // batch_size)
     total = epochs * steps_per_epoch
-    sched = optax.warmup_cosine_decay_schedule(0.0, lr, min(500, total // 10), total, lr * 0.05)
+    sched = optax.warmup_cosine_decay_schedule(0.0, lr, min(warmup_steps, total // 10), total, lr * 0.05)
     opt = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(sched, b2=0.98, weight_decay=0.01))
-    params = init_params(cfg, jax.random.PRNGKey(seed), std=0.02)
+    params = init if init is not None else init_params(cfg, jax.random.PRNGKey(seed), std=0.02)
     opt_state = opt.init(params)
     apply = Model(cfg, params).apply
 

@@ -127,3 +127,16 @@ def test_world_is_deterministic_and_splits_are_disjoint():
     assert max(lens) >= 2 and min(lens) == 1
     with pytest.raises(ValueError, match="pool has"):
         a.records("edit", 10 ** 6)
+
+
+def test_edit_stream_revisits_facts_with_new_targets():
+    w = World(WorldSpec(n_subjects=30))
+    pool = len(w.all_facts("edit"))
+    rows, ids = w.edit_stream(2 * pool + 5)
+    assert len(rows) == len(ids) == 2 * pool + 5
+    assert sorted(ids[:pool]) == list(range(pool)) and sorted(ids[pool:2 * pool]) == list(range(pool))
+    last = {}
+    for r, i in zip(rows, ids):
+        if i in last:
+            assert r["ans"] != last[i]
+        last[i] = r["ans"]

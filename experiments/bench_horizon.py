@@ -1,0 +1,92 @@
+"""Horizon benchmark (not a test): up to 100,000 sequential edits on the default world, in constant memory.
+
+The edit pool of the default world holds 7,200 facts, so the stream passes over it repeatedly, giving every fact
+a new counterfactual target on each pass; at each milestone the metrics are measured on the *latest* target of
+every fact edited so far (teacher-forced), on their paraphrases, and on 1,000 fixed locality prompts against the
+unedited model. Host RSS is sampled after every chunk.
+
+    python experiments/bench_horizon.py                       # 100K edits with stableedit and ultraedit
+    python experiments/bench_horizon.py --edits 20000 --editors stableedit --out runs/horizon
+"""
+
+import argparse
+import json
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+import numpy as np  # noqa: E402
+
+from lnjax import data, editors, eval as ev, world_model  # noqa: E402
+from lnjax.batching import pack_turns  # noqa: E402
+from lnjax.run import WORLD_HPARAMS  # noqa: E402
+from lnjax.sequence import edit_sequence, join  # noqa: E402
+from lnjax.world import default_world  # noqa: E402
+
+
+def rss_mb() -> float:
+    """Current resident set size of this process (MB)."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2 ** 20
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--edits", type=int, default=100_000)
+    ap.add_argument("--edits-per-turn", type=int, default=100)
+    ap.add_argument("--editors", default="stableedit,ultraedit")
+    ap.add_argument("--milestones", default="1000,10000,50000,100000")
+    ap.add_argument("--chunk", type=int, default=10)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", default="runs/horizon")
+    args = ap.parse_args(argv)
+    os.makedirs(args.out, exist_ok=True)
+    world = default_world()
+    model = world_model.default_model()
+    tok = world.tokenizer()
+    rows, fact_id = world.edit_stream(args.edits, seed=args.seed)
+    recs = data.tokenize(data.records_from_dicts("zsre", rows, "world:stream"), tok)
+    batches, _ = pack_turns([r.edit for r in recs], args.edits_per_turn)
+    loc_set = ev.build_eval_set(recs[:1000])
+    base_loc = ev.base_predictions(model.apply, model.params, loc_set)
+    milestones = sorted(int(m) for m in args.milestones.split(",") if int(m) <= args.edits)
+    report = {"edits": args.edits, "edits_per_turn": args.edits_per_turn, "pool_facts": len(world.all_facts("edit")),
+              "editors": {}}
+    for name in args.editors.split(","):
+        ed = editors.get(name, **WORLD_HPARAMS[name])
+        rss, points = [], []
+        t0 = time.time()
+
+        def on_chunk(done, carry, diag):
+            rss.append((done, rss_mb()))
+            edits_done = done * args.edits_per_turn
+            if edits_done not in milestones:
+                return
+            latest = {}
+            for i in range(edits_done):
+                latest[fact_id[i]] = i
+            idx = np.asarray(sorted(latest.values()))
+            sub = ev.build_eval_set([recs[i] for i in idx])
+            params = join(model.params, carry.kernels)
+            m = ev.evaluate(model.apply, params, sub, None, ("teacher_forced",))
+            loc = ev.evaluate(model.apply, params, loc_set, base_loc, ("locality_vs_unedited",))
+            points.append({"edits": edits_done, "facts_evaluated": len(idx),
+                           "efficacy": m["teacher_forced"]["efficacy"],
+                           "generalization": m["teacher_forced"]["generalization"],
+                           "locality_vs_unedited": loc["locality_vs_unedited"], "seconds": time.time() - t0})
+            print(json.dumps({"editor": name, **points[-1]}), flush=True)
+
+        edit_sequence(model, ed, batches, world_model.DEFAULT_TARGETS, chunk=args.chunk, callback=on_chunk)
+        n = len(rss)
+        at = {f"{p}%": rss[max(int(n * p / 100) - 1, 0)][1] for p in (10, 50, 100)}
+        report["editors"][name] = {"wall_seconds": time.time() - t0, "rss_mb": at,
+                                   "rss_growth_10_to_100": at["100%"] / at["10%"] - 1, "milestones": points}
+        print(json.dumps({"editor": name, "rss_mb": at, "wall_seconds": time.time() - t0}), flush=True)
+    with open(os.path.join(args.out, "horizon.json"), "w") as f:
+        json.dump(report, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
