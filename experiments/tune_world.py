@@ -24,6 +24,7 @@ def main(argv=None):
     ap.add_argument("--turns", type=int, default=20)
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--out", default="runs/tune_world.json")
+    ap.add_argument("--model", default=None, help="world-model directory (default: the shipped one)")
     args = ap.parse_args(argv)
     rows = []
     alphas = [float(a) for a in args.alphas.split(",") if a] or [None]
@@ -31,7 +32,7 @@ def main(argv=None):
         for lr in (float(x) for x in args.lrs.split(",")):
             for alpha in alphas:
                 cfg = RunConfig(editors=(name,), turns=args.turns, lr=lr, alpha=alpha, seed=args.seed,
-                                eval_every=0, generation=False)
+                                eval_every=0, generation=False, model=args.model)
                 res = run(cfg, None, log=lambda m: None, progress=False)["editors"][name]
                 row = {"editor": name, "lr": lr, "alpha": alpha, **res["teacher_forced"],
                        "locality_vs_unedited": res["locality_vs_unedited"]}

@@ -42,15 +42,17 @@ class Relation:
 
 def _relations(rng: np.random.Generator, n_answers: int) -> tuple:
     # Answer words are relation-specific tokens; answers are 1-3 of them, so edits are multi-token.
+    # Every wording ends with the subject, as in "the capital of France?": the model then looks the fact up in
+    # the MLPs at the question mark, the position the editors write to.
     specs = [
-        ("city", ("where does {s} live ?", "what city is home to {s} ?", "{s} lives in which city ?"),
+        ("city", ("city of {s} ?", "home town of {s} ?", "where lives {s} ?"),
          ("port", "lake", "north", "new", "old", "upper", "san", "fort"), 3),
-        ("job", ("what is the job of {s} ?", "what does {s} do for work ?", "{s} works as what ?"),
+        ("job", ("job of {s} ?", "occupation of {s} ?", "what works {s} ?"),
          ("senior", "chief", "junior", "field", "night", "head"), 2),
-        ("country", ("where was {s} born ?", "what is the birth country of {s} ?", "{s} was born in which country ?"),
+        ("country", ("birth country of {s} ?", "native land of {s} ?", "where was born {s} ?"),
          ("republic", "kingdom", "united", "free", "east", "west"), 2),
-        ("language", ("what language does {s} speak ?", "{s} speaks which language ?",
-                      "what is the native tongue of {s} ?"), ("high", "low", "middle", "classic"), 2),
+        ("language", ("language of {s} ?", "mother tongue of {s} ?", "what speaks {s} ?"),
+         ("high", "low", "middle", "classic"), 2),
     ]
     out = []
     for name, templates, prefixes, max_len in specs:
