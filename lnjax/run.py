@@ -26,13 +26,15 @@ from .models import get_module
 from .sequence import edit_sequence
 from .world import default_world
 
-# Hyperparameters for the embedded world (chosen on a seed other than the default; see experiments/REPORT.md).
+# Hyperparameters for the embedded world, from experiments/tune_world.py on seed-1 edits (20 turns of 100):
+# each editor at the learning rate where locality vs the unedited model falls to about 0.67, so the editors are
+# compared at equal damage. On this world none of them writes the edits well yet (see the closing notes).
 WORLD_HPARAMS = {
-    "stableedit": {"lr": 5e-4, "alpha": 10.0},
-    "stableedit_algorithm1": {"lr": 5e-4, "alpha": 10.0},
-    "ultraedit": {"lr": 5e-4, "alpha": 1.0},
-    "no_normalization": {"lr": 5e-4, "alpha": 1.0},
-    "per_turn_normalization": {"lr": 5e-4, "alpha": 1.0},
+    "stableedit": {"lr": 3e-2, "alpha": 10.0},
+    "stableedit_algorithm1": {"lr": 3e-2, "alpha": 10.0},
+    "ultraedit": {"lr": 1e-2, "alpha": 1.0},
+    "no_normalization": {"lr": 3.0, "alpha": 1.0},
+    "per_turn_normalization": {"lr": 1e-2, "alpha": 1.0},
 }
 DEFAULT_EDITORS = ("stableedit", "ultraedit", "no_normalization")
 

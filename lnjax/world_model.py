@@ -45,11 +45,12 @@ def fact_examples(world: World, tok=None) -> list[list[tuple[list[int], list[int
 
 def train(world: World, cfg: ModelConfig, *, epochs: int = 60, batch_size: int = 512, lr: float = 3e-3,
           seed: int = 0, log: Optional[Callable[[str], None]] = print, init: Optional[dict] = None,
-          warmup_steps: int = 500) -> tuple[dict, dict]:
+          warmup_steps: int = 500, label_smoothing: float = 0.0) -> tuple[dict, dict]:
     """Pretrain ``cfg`` on every fact of ``world`` (each epoch: every fact once, in a random wording).
 
-    Loss: token cross-entropy on the answer positions only. AdamW with warm-up and cosine decay; ``init``
-    continues from given parameters. Returns ``(params, report)`` where ``report`` has the final teacher-forced
+    Loss: token cross-entropy on the answer positions only (with ``label_smoothing`` ε: the target gets 1-ε, the
+    rest spread over the vocabulary, which bounds how over-confident the model becomes). AdamW with warm-up and
+    cosine decay; ``init`` continues from given parameters. Returns ``(params, report)`` where ``report`` has the final teacher-forced
     accuracy per wording.
     """
     per_template = fact_examples(world)
@@ -65,7 +66,11 @@ def train(world: World, cfg: ModelConfig, *, epochs: int = 60, batch_size: int =
     apply = Model(cfg, params).apply
 
     def loss_fn(p, ids, mask, labels):
-        ce, sup = token_log_likelihood(apply(p, ids, mask), labels)
+        logits = apply(p, ids, mask)
+        ce, sup = token_log_likelihood(logits, labels)
+        if label_smoothing:
+            uniform = -jnp.mean(jax.nn.log_softmax(logits, axis=-1), axis=-1)
+            ce = jnp.where(sup, (1 - label_smoothing) * ce + label_smoothing * uniform, 0.0)
         return jnp.sum(ce) / jnp.maximum(jnp.sum(sup), 1)
 
     @jax.jit
@@ -92,7 +97,8 @@ def train(world: World, cfg: ModelConfig, *, epochs: int = 60, batch_size: int =
         if log:
             log(f"epoch {epoch + 1}/{epochs}  loss {float(np.mean(jax.device_get(losses))):.4f}  "
                 f"{time.time() - t0:.0f}s")
-    report = {"epochs": epochs, "batch_size": batch_size, "lr": lr, "seed": seed, "train_seconds": time.time() - t0,
+    report = {"epochs": epochs, "batch_size": batch_size, "lr": lr, "seed": seed, "label_smoothing": label_smoothing,
+              "train_seconds": time.time() - t0,
               "n_facts": n_facts, "accuracy_by_wording": [fact_accuracy(cfg, params, pk) for pk in packed]}
     return params, report
 
