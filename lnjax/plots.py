@@ -33,7 +33,8 @@ def plot_run(out_dir: str, results: dict, diag_lines: list[dict]) -> list[str]:
         ax.set_xlabel("edits so far")
         ax.set_ylim(-0.02, 1.02)
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=8)
+    if axes[0].get_legend_handles_labels()[0]:
+        axes[0].legend(fontsize=8)
     fig.tight_layout()
     paths.append(os.path.join(out_dir, "metrics.png"))
     fig.savefig(paths[-1], dpi=110)
