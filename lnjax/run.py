@@ -237,12 +237,8 @@ def run(cfg: RunConfig, out_dir: Optional[str] = None, log: Callable[[str], None
 
 
 def _target_turns(cfg: RunConfig, warm: int) -> np.ndarray:
-    from .sequence import warmup_position
-    pos = warmup_position(cfg.warmup_at, cfg.turns)
-    tt = np.arange(cfg.turns)
-    if not warm or pos is None:
-        return tt
-    return np.concatenate([tt[:pos], -np.ones(warm, int), tt[pos:]])
+    from .sequence import schedule_indices
+    return schedule_indices(cfg.turns, warm, cfg.warmup_at)[1]
 
 
 def _params_with(params, kernels: dict):

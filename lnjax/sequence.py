@@ -56,22 +56,30 @@ def warmup_position(where: str, n_turns: int) -> Optional[int]:
             "end": max(n_turns - 1, 0), "none": None}[where]
 
 
+def schedule_indices(n_turns: int, n_warmup: int, where: str) -> tuple[np.ndarray, np.ndarray]:
+    """Turn order of a run with ``n_turns`` edit turns and a block of ``n_warmup`` warm-up turns at ``where``:
+    (is_warmup [S] bool, target_turn [S] int, -1 for warm-up turns)."""
+    target_index = np.arange(n_turns)
+    pos = warmup_position(where, n_turns)
+    if n_warmup == 0 or pos is None:
+        return np.zeros(n_turns, bool), target_index
+    flags = np.concatenate([np.zeros(pos, bool), np.ones(n_warmup, bool), np.zeros(n_turns - pos, bool)])
+    return flags, np.concatenate([target_index[:pos], -np.ones(n_warmup, int), target_index[pos:]])
+
+
 def schedule(batches: TurnBatch, warmup: Optional[TurnBatch], warmup_at: str):
     """Turn order of a run: (TurnBatch [S, E, L], is_warmup [S] bool, target_turn [S] int, -1 for warm-up)."""
     T = batches.input_ids.shape[0]
-    target_index = np.arange(T)
-    pos = warmup_position(warmup_at, T)
-    if warmup is None or pos is None or warmup.input_ids.shape[0] == 0:
-        return batches, np.zeros(T, bool), target_index
+    R = 0 if warmup is None else warmup.input_ids.shape[0]
+    flags, target_turn = schedule_indices(T, R, warmup_at)
+    if not flags.any():
+        return batches, flags, target_turn
     if warmup.input_ids.shape[1:] != batches.input_ids.shape[1:]:
         raise ValueError(f"warm-up turns have shape {warmup.input_ids.shape[1:]}, edit turns "
                          f"{batches.input_ids.shape[1:]}: pack both with the same edits per turn and length")
-    R = warmup.input_ids.shape[0]
+    pos = int(np.argmax(flags))
     cat = lambda a, w: np.concatenate([np.asarray(a)[:pos], np.asarray(w), np.asarray(a)[pos:]], axis=0)
-    merged = jax.tree_util.tree_map(cat, batches, warmup)
-    flags = np.concatenate([np.zeros(pos, bool), np.ones(R, bool), np.zeros(T - pos, bool)])
-    tt = np.concatenate([target_index[:pos], -np.ones(R, int), target_index[pos:]])
-    return merged, flags, tt
+    return jax.tree_util.tree_map(cat, batches, warmup), flags, target_turn
 
 
 def required_rows(batches: TurnBatch) -> int:
