@@ -22,6 +22,7 @@ import numpy as np  # noqa: E402
 
 from lnjax import data, editors, eval as ev, world_model  # noqa: E402
 from lnjax.batching import pack_turns  # noqa: E402
+from lnjax.plots import plot_update_curves, update_curves  # noqa: E402
 from lnjax.run import WORLD_HPARAMS, RunConfig, format_table, run  # noqa: E402
 from lnjax.sequence import edit_sequence  # noqa: E402
 from lnjax.world import default_world  # noqa: E402
@@ -125,29 +126,17 @@ def study_theory(out, quick):
                 "no_normalization_alpha0": ("no_normalization", 0.0)}
     if quick:
         variants = {k: variants[k] for k in ("ultraedit", "no_normalization_alpha0")}
-    results = {}
-    plt = _pyplot()
-    fig, axes = plt.subplots(1, 2, figsize=(11, 3.6))
+    results, curves = {}, {}
     for label, (name, alpha) in variants.items():
         cfg = RunConfig(editors=(name,), turns=turns, edits_per_turn=per, alpha=alpha, eval_every=0,
                         generation=False, warmup_turns=0)
         res, lines = _run_variant(out, "theory", label, cfg)
-        norms = [float(np.mean(list(x["delta_norm"].values()))) for x in lines]
-        cos = [float(np.mean(list(x["cosine"].values()))) for x in lines]
+        norms, cos = curves[label] = update_curves(lines)
         half = len(cos) // 2
         results[label] = {"metrics": res["editors"][name]["teacher_forced"], "delta_norm": norms, "cosine": cos,
                           "mean_abs_cosine_second_half": float(np.mean(np.abs(cos[half:]))) if cos[half:] else None,
                           "norm_last_over_first": norms[-1] / norms[0] if norms and norms[0] > 0 else None}
-        axes[0].plot(norms, label=label)
-        axes[1].plot(cos, label=label)
-    axes[0].set_yscale("log")
-    axes[0].set_title("‖ΔW_t‖_F (mean over targets)")
-    axes[1].set_title("cos(ΔW_t, ΔW_{t-1})")
-    axes[1].axhline(0, color="k", lw=0.5)
-    for ax in axes:
-        ax.set_xlabel("turn")
-        ax.legend(fontsize=7)
-    fig.tight_layout()
+    fig = plot_update_curves(curves)
     lines = [f"# Theory check ({turns} turns of {per} edits)", "",
              "| variant | mean abs cosine, 2nd half | ‖ΔW‖ last/first | ES |", "|---|---|---|---|"]
     for label, r in results.items():

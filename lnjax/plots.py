@@ -40,23 +40,39 @@ def plot_run(out_dir: str, results: dict, diag_lines: list[dict]) -> list[str]:
     fig.savefig(paths[-1], dpi=110)
     plt.close(fig)
 
+    order = list(results["editors"])
+    curves = {name: update_curves([d for d in diag_lines if d["editor"] == name])
+              for name in sorted({d["editor"] for d in diag_lines}, key=order.index)}
+    fig = plot_update_curves(curves, "turn (warm-up included)")
+    paths.append(os.path.join(out_dir, "updates.png"))
+    fig.savefig(paths[-1], dpi=110)
+    plt.close(fig)
+    return paths
+
+
+def update_curves(lines: list[dict]) -> tuple[list[float], list[float]]:
+    """Per turn, ‖ΔW_t‖_F and cos(ΔW_t, ΔW_{t-1}) averaged over targets, from one run's diagnostics lines."""
+    norms = [float(np.mean(list(d["delta_norm"].values()))) for d in lines]
+    cosines = [float(np.mean(list(d["cosine"].values()))) for d in lines]
+    return norms, cosines
+
+
+def plot_update_curves(curves: dict, xlabel: str = "turn"):
+    """A two-panel figure: ‖ΔW_t‖ (log scale) and the consecutive-shift cosine, one line per label of
+    ``curves`` (label -> (norms, cosines)). Returns the figure."""
+    plt = _pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(11, 3.6))
-    editors = sorted({d["editor"] for d in diag_lines}, key=lambda e: list(results["editors"]).index(e))
-    for name in editors:
-        rows = [d for d in diag_lines if d["editor"] == name]
-        turns = np.arange(len(rows))
-        axes[0].plot(turns, [np.mean(list(d["delta_norm"].values())) for d in rows], label=name)
-        axes[1].plot(turns, [np.mean(list(d["cosine"].values())) for d in rows], label=name)
+    for label, (norms, cosines) in curves.items():
+        axes[0].plot(np.arange(len(norms)), norms, label=label)
+        axes[1].plot(np.arange(len(cosines)), cosines, label=label)
     axes[0].set_title("‖ΔW_t‖_F (mean over targets)")
     axes[0].set_yscale("log")
     axes[1].set_title("cos(ΔW_t, ΔW_{t-1}) (mean over targets)")
     axes[1].axhline(0.0, color="k", lw=0.5)
     for ax in axes:
-        ax.set_xlabel("turn (warm-up included)")
+        ax.set_xlabel(xlabel)
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=8)
+    if curves:
+        axes[0].legend(fontsize=8)
     fig.tight_layout()
-    paths.append(os.path.join(out_dir, "updates.png"))
-    fig.savefig(paths[-1], dpi=110)
-    plt.close(fig)
-    return paths
+    return fig
