@@ -22,17 +22,10 @@ import numpy as np  # noqa: E402
 
 from lnjax import data, editors, eval as ev, world_model  # noqa: E402
 from lnjax.batching import pack_turns  # noqa: E402
-from lnjax.plots import plot_update_curves, update_curves  # noqa: E402
+from lnjax.plots import plot_update_curves, pyplot, update_curves  # noqa: E402
 from lnjax.run import WORLD_HPARAMS, RunConfig, format_table, run  # noqa: E402
 from lnjax.sequence import edit_sequence  # noqa: E402
 from lnjax.world import default_world  # noqa: E402
-
-
-def _pyplot():
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    return plt
 
 
 def _write(out, name, config, results, summary, figures=()):
@@ -91,7 +84,7 @@ def study_cumulative(out, quick):
         mb = ev.evaluate(model.apply, b.params, es, base, ("teacher_forced", "locality_vs_unedited"))
         results["editors"][name] = {"late_after_early": ma, "late_alone": mb,
                                     "turn_accuracy_right_after": a.diagnostics["accuracy"].tolist()}
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 3.5))
     for name, r in results["editors"].items():
         ax.plot(r["turn_accuracy_right_after"], label=name)

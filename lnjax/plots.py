@@ -7,7 +7,8 @@ import os
 import numpy as np
 
 
-def _pyplot():
+def pyplot():
+    """matplotlib.pyplot with the headless Agg backend selected."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -16,7 +17,7 @@ def _pyplot():
 
 def plot_run(out_dir: str, results: dict, diag_lines: list[dict]) -> list[str]:
     """``metrics.png`` (metrics vs edits so far) and ``updates.png`` (‖ΔW‖ and consecutive cosine per turn)."""
-    plt = _pyplot()
+    plt = pyplot()
     paths = []
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
     for name, m in results["editors"].items():
@@ -60,7 +61,7 @@ def update_curves(lines: list[dict]) -> tuple[list[float], list[float]]:
 def plot_update_curves(curves: dict, xlabel: str = "turn"):
     """A two-panel figure: ‖ΔW_t‖ (log scale) and the consecutive-shift cosine, one line per label of
     ``curves`` (label -> (norms, cosines)). Returns the figure."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(11, 3.6))
     for label, (norms, cosines) in curves.items():
         axes[0].plot(np.arange(len(norms)), norms, label=label)

@@ -23,7 +23,7 @@ from . import eval as eval_lib
 from . import hf, world_model
 from .batching import pack_turns
 from .models import get_module
-from .sequence import edit_sequence
+from .sequence import edit_sequence, join
 from .world import default_world
 
 # Hyperparameters for the embedded world, from experiments/tune_world.py on seed-1 edits (20 turns of 100):
@@ -180,7 +180,7 @@ def run(cfg: RunConfig, out_dir: Optional[str] = None, log: Callable[[str], None
             applied = int(np.sum(target_turn[:done] >= 0))
             if cfg.eval_every <= 0 or applied == 0:
                 return
-            params = _params_with(model.params, carry.kernels)
+            params = join(model.params, carry.kernels)
             sub = eval_set.subset(np.arange(applied * cfg.edits_per_turn))
             m = eval_lib.evaluate(model.apply, params, sub, base_loc[:len(sub.pairs["edit"])],
                                   ("teacher_forced", "locality_vs_unedited"), per_example=True)
@@ -239,11 +239,6 @@ def run(cfg: RunConfig, out_dir: Optional[str] = None, log: Callable[[str], None
 def _target_turns(cfg: RunConfig, warm: int) -> np.ndarray:
     from .sequence import schedule_indices
     return schedule_indices(cfg.turns, warm, cfg.warmup_at)[1]
-
-
-def _params_with(params, kernels: dict):
-    from .sequence import join
-    return join(params, kernels)
 
 
 def write_run_dir(out_dir: str, cfg: RunConfig, results: dict, diag_lines: list[dict]) -> None:
