@@ -3,10 +3,14 @@
 The edit pool of the default world holds 7,200 facts, so the stream passes over it repeatedly, giving every fact
 a new counterfactual target on each pass; at each milestone the metrics are measured on the *latest* target of
 every fact edited so far (teacher-forced), on their paraphrases, and on 1,000 fixed locality prompts against the
-unedited model. Host RSS is sampled after every chunk.
+unedited model. Host RSS is sampled after every chunk. The run is checkpointed under ``<out>/ckpt/<editor>``
+(diagnostics streamed to disk chunk by chunk); ``--resume`` continues a killed benchmark.
 
     python experiments/bench_horizon.py                       # 100K edits with stableedit and ultraedit
     python experiments/bench_horizon.py --edits 20000 --editors stableedit --out runs/horizon
+
+Writes ``horizon.json`` (wall time, RSS at 10/50/100% of the turns, metrics at every milestone) and
+``horizon.png`` (metrics vs edits; RSS vs turns).
 """
 
 import argparse
@@ -20,6 +24,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import numpy as np  # noqa: E402
 
 from lnjax import data, editors, eval as ev, world_model  # noqa: E402
+from lnjax.plots import pyplot  # noqa: E402
 from lnjax.batching import pack_turns  # noqa: E402
 from lnjax.run import WORLD_HPARAMS  # noqa: E402
 from lnjax.sequence import edit_sequence, join  # noqa: E402
@@ -41,6 +46,8 @@ def main(argv=None):
     ap.add_argument("--chunk", type=int, default=10)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="runs/horizon")
+    ap.add_argument("--checkpoint-every", type=int, default=10, help="chunks between checkpoints")
+    ap.add_argument("--resume", action="store_true", help="continue from the checkpoints under <out>/ckpt")
     args = ap.parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
     world = default_world()
@@ -56,7 +63,8 @@ def main(argv=None):
               "editors": {}}
     for name in args.editors.split(","):
         ed = editors.get(name, **WORLD_HPARAMS[name])
-        rss, points = [], []
+        host = {"points": []}
+        rss = []
         t0 = time.time()
 
         def on_chunk(done, carry, diag):
@@ -72,20 +80,48 @@ def main(argv=None):
             params = join(model.params, carry.kernels)
             m = ev.evaluate(model.apply, params, sub, None, ("teacher_forced",))
             loc = ev.evaluate(model.apply, params, loc_set, base_loc, ("locality_vs_unedited",))
-            points.append({"edits": edits_done, "facts_evaluated": len(idx),
+            host["points"].append({"edits": edits_done, "facts_evaluated": len(idx),
                            "efficacy": m["teacher_forced"]["efficacy"],
                            "generalization": m["teacher_forced"]["generalization"],
                            "locality_vs_unedited": loc["locality_vs_unedited"], "seconds": time.time() - t0})
-            print(json.dumps({"editor": name, **points[-1]}), flush=True)
+            print(json.dumps({"editor": name, **host["points"][-1]}), flush=True)
 
-        edit_sequence(model, ed, batches, world_model.DEFAULT_TARGETS, chunk=args.chunk, callback=on_chunk)
+        res = edit_sequence(model, ed, batches, world_model.DEFAULT_TARGETS, chunk=args.chunk, callback=on_chunk,
+                            checkpoint_dir=os.path.join(args.out, "ckpt", name),
+                            checkpoint_every=args.checkpoint_every, resume=args.resume, host_state=host)
+        points = host["points"]
         n = len(rss)
         at = {f"{p}%": rss[max(int(n * p / 100) - 1, 0)][1] for p in (10, 50, 100)}
+        d = res.diagnostics
         report["editors"][name] = {"wall_seconds": time.time() - t0, "rss_mb": at,
-                                   "rss_growth_10_to_100": at["100%"] / at["10%"] - 1, "milestones": points}
+                                   "rss_growth_10_to_100": at["100%"] / at["10%"] - 1, "milestones": points,
+                                   "rss_trace": rss, "rejected_turns": int(d["rejected"][-1]),
+                                   "delta_norm_first_last": [float(d["delta_norm"][0].mean()),
+                                                             float(d["delta_norm"][-1].mean())]}
         print(json.dumps({"editor": name, "rss_mb": at, "wall_seconds": time.time() - t0}), flush=True)
     with open(os.path.join(args.out, "horizon.json"), "w") as f:
         json.dump(report, f, indent=2)
+    plot(report, os.path.join(args.out, "horizon.png"))
+
+
+def plot(report: dict, path: str) -> None:
+    """Efficacy / generalization / locality against edits so far, and host RSS against turns, per editor."""
+    plt = pyplot()
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(11, 4))
+    for i, (name, r) in enumerate(report["editors"].items()):
+        e = [p["edits"] for p in r["milestones"]]
+        for key, style in (("efficacy", "o-"), ("generalization", "x--"), ("locality_vs_unedited", "s:")):
+            ax.plot(e, [p[key] for p in r["milestones"]], style, color=f"C{i}", label=f"{name} {key}")
+        bx.plot([t for t, _ in r["rss_trace"]], [m for _, m in r["rss_trace"]], color=f"C{i}", label=name)
+    ax.set_xscale("log")
+    ax.set_xlabel("edits so far")
+    ax.set_ylabel("teacher-forced accuracy / locality")
+    ax.legend(fontsize=7)
+    bx.set_xlabel("turns done")
+    bx.set_ylabel("host RSS (MB)")
+    bx.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
 
 
 if __name__ == "__main__":

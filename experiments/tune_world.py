@@ -1,9 +1,12 @@
-"""Hyperparameter sweep for the embedded world (edits drawn with a seed other than the default run's).
+"""Learning-rate sweep on the embedded world: the efficacy / locality frontier of each editor.
 
-    python experiments/tune_world.py --editors stableedit,ultraedit,no_normalization --lrs 1e-4,3e-4,1e-3
+    python experiments/tune_world.py --grid "stableedit=3e-3,1e-2,3e-2,1e-1;ultraedit=1e-3,3e-3,1e-2,3e-2;no_normalization=0.3,1,3,10"
+    python experiments/tune_world.py --editors stableedit --lrs 1e-2,3e-2 --alphas 1,10
 
-Prints one line per (editor, lr, alpha) with the teacher-forced metrics and locality vs the unedited model, and
-writes them to --out as JSON. The defaults in lnjax.run.WORLD_HPARAMS were chosen from such a sweep (seed 1).
+Edits are drawn with a seed other than the default run's (``--seed 1``). Prints one JSON line per
+(editor, lr, alpha) with the teacher-forced metrics and locality vs the unedited model, writes them all to
+``--out`` (JSON) and plots efficacy and generalization against locality per editor next to it (PNG). The
+defaults in ``lnjax.run.WORLD_HPARAMS`` were chosen from such a sweep.
 """
 
 import argparse
@@ -13,26 +16,59 @@ import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
+from lnjax.plots import pyplot  # noqa: E402
 from lnjax.run import RunConfig, run  # noqa: E402
+
+
+def parse_grid(grid: str, editors: str, lrs: str) -> list[tuple[str, list[float]]]:
+    """``"a=1,2;b=3"`` -> [("a", [1., 2.]), ("b", [3.])]; without a grid every editor gets ``lrs``."""
+    if grid:
+        out = []
+        for part in grid.split(";"):
+            name, _, values = part.partition("=")
+            out.append((name.strip(), [float(x) for x in values.split(",") if x]))
+        return out
+    return [(name, [float(x) for x in lrs.split(",") if x]) for name in editors.split(",")]
+
+
+def plot_frontier(rows: list[dict], path: str) -> None:
+    """Efficacy (solid) and generalization (dashed) against locality vs the unedited model, one colour per editor."""
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for i, name in enumerate(dict.fromkeys(r["editor"] for r in rows)):
+        pts = sorted((r for r in rows if r["editor"] == name), key=lambda r: r["locality_vs_unedited"])
+        loc = [r["locality_vs_unedited"] for r in pts]
+        ax.plot(loc, [r["efficacy"] for r in pts], "o-", color=f"C{i}", label=f"{name} ES")
+        ax.plot(loc, [r["generalization"] for r in pts], "x--", color=f"C{i}", label=f"{name} GS")
+        for r in pts:
+            ax.annotate(f"{r['lr']:g}", (r["locality_vs_unedited"], r["efficacy"]), fontsize=7)
+    ax.set_xlabel("locality vs unedited model")
+    ax.set_ylabel("teacher-forced accuracy")
+    ax.set_title("efficacy / locality frontier (labels: lr)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--grid", default="", help='per-editor learning rates, e.g. "stableedit=1e-2,3e-2;ultraedit=1e-2"')
     ap.add_argument("--editors", default="stableedit,ultraedit,no_normalization")
     ap.add_argument("--lrs", default="1e-4,3e-4,1e-3,3e-3")
     ap.add_argument("--alphas", default="")
     ap.add_argument("--turns", type=int, default=20)
+    ap.add_argument("--edits-per-turn", type=int, default=100)
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--out", default="runs/tune_world.json")
     ap.add_argument("--model", default=None, help="world-model directory (default: the shipped one)")
     args = ap.parse_args(argv)
     rows = []
     alphas = [float(a) for a in args.alphas.split(",") if a] or [None]
-    for name in args.editors.split(","):
-        for lr in (float(x) for x in args.lrs.split(",")):
+    for name, lrs in parse_grid(args.grid, args.editors, args.lrs):
+        for lr in lrs:
             for alpha in alphas:
-                cfg = RunConfig(editors=(name,), turns=args.turns, lr=lr, alpha=alpha, seed=args.seed,
-                                eval_every=0, generation=False, model=args.model)
+                cfg = RunConfig(editors=(name,), turns=args.turns, edits_per_turn=args.edits_per_turn, lr=lr,
+                                alpha=alpha, seed=args.seed, eval_every=0, generation=False, model=args.model)
                 res = run(cfg, None, log=lambda m: None, progress=False)["editors"][name]
                 row = {"editor": name, "lr": lr, "alpha": alpha, **res["teacher_forced"],
                        "locality_vs_unedited": res["locality_vs_unedited"]}
@@ -40,7 +76,8 @@ def main(argv=None):
                 print(json.dumps(row), flush=True)
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     with open(args.out, "w") as f:
-        json.dump(rows, f, indent=2)
+        json.dump({"config": vars(args), "rows": rows}, f, indent=2)
+    plot_frontier(rows, os.path.splitext(args.out)[0] + ".png")
 
 
 if __name__ == "__main__":

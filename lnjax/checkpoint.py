@@ -2,10 +2,13 @@
 
 - ``save(path, tree)`` / ``load(path, like)``: any pytree (an ``EditorState``, a ``RunCarry``), restored into the
   structure, shapes and dtypes of ``like``; a mismatch or a damaged checkpoint raises ``CheckpointError``.
-- ``RunCheckpointer``: numbered checkpoints of a run (carry + cursor + diagnostics + config) in one directory,
+- ``RunCheckpointer``: numbered checkpoints of a run (carry + cursor + config + host state) in one directory,
   written atomically (Orbax writes to a temporary name and renames on success, so a crash mid-save never
   leaves a checkpoint that loads), the newest ``keep`` kept; ``latest`` falls back to the previous good one when
   the newest is damaged.
+- ``DiagnosticsLog``: the per-turn diagnostics streamed to disk chunk by chunk (one small ``.npz`` per chunk),
+  so a checkpoint costs the same at turn 20,000 as at turn 10; a resume drops the chunks written after the
+  checkpoint it continues from.
 """
 
 from __future__ import annotations
@@ -85,8 +88,67 @@ def metadata(path: str) -> dict:
         raise CheckpointError(f"{path}: unreadable checkpoint metadata ({type(e).__name__}: {e})") from None
 
 
+class DiagnosticsLog:
+    """Per-turn diagnostics of a run as one ``diag_<start>_<stop>.npz`` per chunk in ``directory``."""
+
+    PATTERN = re.compile(r"^diag_(\d{8})_(\d{8})\.npz$")
+
+    def __init__(self, directory: str):
+        self.directory = os.path.abspath(directory)
+        os.makedirs(self.directory, exist_ok=True)
+
+    def spans(self) -> list[tuple[int, int]]:
+        """``(start, stop)`` turn spans of the chunks on disk, in order."""
+        out = []
+        for name in os.listdir(self.directory):
+            m = self.PATTERN.match(name)
+            if m:
+                out.append((int(m.group(1)), int(m.group(2))))
+        return sorted(out)
+
+    def _file(self, start: int, stop: int) -> str:
+        return os.path.join(self.directory, f"diag_{start:08d}_{stop:08d}.npz")
+
+    def append(self, start: int, diagnostics: dict) -> None:
+        """Write the diagnostics of turns ``[start, start + n)`` (arrays with leading axis n), atomically."""
+        if jax.process_index() != 0:  # multi-host: one writer for the shared directory
+            return
+        n = len(next(iter(diagnostics.values()))) if diagnostics else 0
+        path = self._file(start, start + n)
+        tmp = path + ".tmp"
+        with open(tmp, "wb") as f:
+            np.savez(f, **{k: np.asarray(v) for k, v in diagnostics.items()})
+        os.replace(tmp, path)
+
+    def truncate(self, turns_done: int) -> None:
+        """Delete chunks that end after ``turns_done`` (written after the checkpoint being resumed)."""
+        for start, stop in self.spans():
+            if stop > turns_done:
+                os.remove(self._file(start, stop))
+
+    def read(self, turns_done: int) -> dict:
+        """The diagnostics of turns ``[0, turns_done)`` concatenated; CheckpointError if a chunk is missing."""
+        parts, cursor = [], 0
+        for start, stop in self.spans():
+            if stop > turns_done:
+                break
+            if start != cursor:
+                raise CheckpointError(f"{self.directory}: diagnostics of turns {cursor}..{start} are missing")
+            try:
+                with np.load(self._file(start, stop)) as z:
+                    parts.append({k: z[k] for k in z.files})
+            except (OSError, ValueError) as e:
+                raise CheckpointError(f"{self._file(start, stop)}: unreadable diagnostics ({e})") from None
+            cursor = stop
+        if cursor != turns_done:
+            raise CheckpointError(f"{self.directory}: diagnostics stop at turn {cursor}, the checkpoint is at "
+                                  f"{turns_done}")
+        return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]} if parts else {}
+
+
 class RunCheckpointer:
-    """Checkpoints ``turn_<n>`` of one run in ``directory``; see the module docstring."""
+    """Checkpoints ``turn_<n>`` of one run in ``directory`` and its ``diagnostics`` log; see the module
+    docstring."""
 
     PATTERN = re.compile(r"^turn_(\d{8})$")
 
@@ -94,6 +156,7 @@ class RunCheckpointer:
         self.directory = os.path.abspath(directory)
         self.keep = keep
         os.makedirs(self.directory, exist_ok=True)
+        self.diagnostics = DiagnosticsLog(os.path.join(self.directory, "diagnostics"))
 
     def steps(self) -> list[int]:
         """Turn counts of the checkpoints present, oldest first."""
@@ -107,14 +170,11 @@ class RunCheckpointer:
     def path(self, turns_done: int) -> str:
         return os.path.join(self.directory, f"turn_{turns_done:08d}")
 
-    def save(self, turns_done: int, carry: Any, diagnostics: dict, config: dict,
-             host_state: Optional[dict] = None) -> str:
-        """Save the run after ``turns_done`` scheduled turns (with the JSON-able ``host_state``); prune all but
-        the newest ``keep``."""
-        tree = {"carry": carry, "diagnostics": {k: np.asarray(v) for k, v in diagnostics.items()}}
-        diag_spec = {k: [list(np.shape(v)), str(np.asarray(v).dtype)] for k, v in diagnostics.items()}
-        path = save(self.path(turns_done), tree, {"turns_done": turns_done, "config": config,
-                                                  "diagnostics": diag_spec, "host_state": host_state or {}})
+    def save(self, turns_done: int, carry: Any, config: dict, host_state: Optional[dict] = None) -> str:
+        """Save the run after ``turns_done`` scheduled turns (with the JSON-able ``host_state``; diagnostics go
+        to ``self.diagnostics`` chunk by chunk); prune all but the newest ``keep``."""
+        path = save(self.path(turns_done), {"carry": carry}, {"turns_done": turns_done, "config": config,
+                                                              "host_state": host_state or {}})
         for old in self.steps()[:-self.keep]:
             shutil.rmtree(self.path(old), ignore_errors=True)
         return path
@@ -123,7 +183,8 @@ class RunCheckpointer:
         """``(turns_done, carry, diagnostics, host_state)`` of the newest loadable checkpoint, or None.
 
         A checkpoint saved with a different ``config`` is refused with the differences listed (CheckpointError);
-        a damaged one is reported through ``log`` and the previous one is tried.
+        a damaged one is reported through ``log`` and the previous one is tried. Diagnostics chunks written after
+        the returned checkpoint are deleted.
         """
         for step in reversed(self.steps()):
             path = self.path(step)
@@ -135,10 +196,11 @@ class RunCheckpointer:
                              if saved.get(k) != config.get(k)}
                     raise ConfigMismatch(f"{path}: the run was saved with a different config; differences "
                                          f"(saved, now): {json.dumps(diffs)}")
-                diag_like = {k: np.zeros(shape, dtype) for k, (shape, dtype) in meta["diagnostics"].items()}
-                tree = load(path, {"carry": like_carry, "diagnostics": diag_like})
-                diagnostics = {k: np.asarray(v) for k, v in tree["diagnostics"].items()}
-                return int(meta["turns_done"]), tree["carry"], diagnostics, dict(meta.get("host_state") or {})
+                tree = load(path, {"carry": like_carry})
+                turns_done = int(meta["turns_done"])
+                diagnostics = self.diagnostics.read(turns_done)
+                self.diagnostics.truncate(turns_done)
+                return turns_done, tree["carry"], diagnostics, dict(meta.get("host_state") or {})
             except ConfigMismatch:
                 raise
             except (CheckpointError, KeyError) as e:

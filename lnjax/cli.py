@@ -52,11 +52,22 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a turn with a non-finite shift is rejected; then go on (skip) or stop the run")
     r.add_argument("--mesh", default=None, help="device mesh, e.g. data=2,model=4 (weights over model, edits over data)")
     r.add_argument("--quiet", action="store_true", help="no progress bars")
+    r.add_argument("--distributed", action="store_true",
+                   help="multi-host: call jax.distributed.initialize() first (arguments detected on TPU, Slurm, "
+                        "Open MPI; elsewhere give --coordinator/--num-processes/--process-id)")
+    r.add_argument("--coordinator", default=None, help="multi-host coordinator address host:port")
+    r.add_argument("--num-processes", type=int, default=None)
+    r.add_argument("--process-id", type=int, default=None)
     return ap
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.distributed:
+        import jax
+        # Must run before any JAX computation; every process then sees the global devices for --mesh.
+        jax.distributed.initialize(coordinator_address=args.coordinator, num_processes=args.num_processes,
+                                   process_id=args.process_id)
     from .run import DEFAULT_EDITORS, RunConfig, format_table, run
 
     cfg = RunConfig(editors=args.editor or DEFAULT_EDITORS, turns=args.turns, edits_per_turn=args.edits_per_turn,

@@ -105,15 +105,20 @@ def _load_records(cfg: RunConfig, n: int, n_warm: int, report: data_lib.ReadRepo
     return edits, warm
 
 
-def _editor(name: str, cfg: RunConfig, is_world: bool):
-    defaults = WORLD_HPARAMS.get(name, {}) if is_world else {}
-    kwargs = {}
-    lr = cfg.lr if cfg.lr is not None else defaults.get("lr")
-    alpha = cfg.alpha if cfg.alpha is not None else defaults.get("alpha")
-    if lr is not None:
-        kwargs["lr"] = lr
-    if alpha is not None:
-        kwargs["alpha"] = alpha
+def editor_settings(name: str, cfg: RunConfig) -> dict:
+    """What ``run`` uses for editor ``name`` under ``cfg``: ``lr`` and ``alpha`` (the flag, else the world's tuned
+    value on the world dataset, else None = the editor's own default) and ``warmup_turns`` (the flag, else
+    ``turns // 10`` (at least 1) for StableEdit editors and 0 for the others)."""
+    defaults = WORLD_HPARAMS.get(name, {}) if cfg.dataset == "world" else {}
+    warm = cfg.warmup_turns if cfg.warmup_turns is not None else (max(1, cfg.turns // 10) if _uses_warmup(name)
+                                                                  else 0)
+    return {"lr": cfg.lr if cfg.lr is not None else defaults.get("lr"),
+            "alpha": cfg.alpha if cfg.alpha is not None else defaults.get("alpha"), "warmup_turns": warm}
+
+
+def _editor(name: str, cfg: RunConfig):
+    settings = editor_settings(name, cfg)
+    kwargs = {k: settings[k] for k in ("lr", "alpha") if settings[k] is not None}
     kwargs.update(cfg.editor_options or {})
     return editors_lib.get(name, **kwargs)
 
@@ -135,8 +140,7 @@ def run(cfg: RunConfig, out_dir: Optional[str] = None, log: Callable[[str], None
         from .sharding import make_mesh
         device_mesh = make_mesh(mesh)
     n = cfg.turns * cfg.edits_per_turn
-    warm_turns = {name: (cfg.warmup_turns if cfg.warmup_turns is not None
-                         else (max(1, cfg.turns // 10) if _uses_warmup(name) else 0)) for name in cfg.editors}
+    warm_turns = {name: editor_settings(name, cfg)["warmup_turns"] for name in cfg.editors}
     n_warm = max(warm_turns.values(), default=0) * cfg.edits_per_turn
     report = data_lib.ReadReport()
     records, warm_records = _load_records(cfg, n, n_warm, report)
@@ -169,7 +173,7 @@ def run(cfg: RunConfig, out_dir: Optional[str] = None, log: Callable[[str], None
             diag_lines.extend(done["diagnostics"])
             log(f"{name}: finished before the interruption; results taken from {done_file}")
             continue
-        editor = _editor(name, cfg, cfg.dataset == "world")
+        editor = _editor(name, cfg)
         r = warm_turns[name]
         warm = pack_turns([t.edit for t in warm_tok[:r * cfg.edits_per_turn]], cfg.edits_per_turn, length)[0] \
             if r else None
@@ -243,6 +247,8 @@ def _target_turns(cfg: RunConfig, warm: int) -> np.ndarray:
 
 def write_run_dir(out_dir: str, cfg: RunConfig, results: dict, diag_lines: list[dict]) -> None:
     """Write ``config.json``, ``results.json``, ``diagnostics.jsonl`` and the plots into ``out_dir``."""
+    if jax.process_index() != 0:  # multi-host: every process computes the same results; one writes them
+        return
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, "config.json"), "w") as f:
         json.dump(cfg.to_json(), f, indent=2)

@@ -229,11 +229,12 @@ def edit_sequence(model, editor: Editor, batches: TurnBatch, targets: Sequence[s
 
     ``warmup`` ([R, E, L]) is inserted as a block at ``warmup_at`` (start | q1 | middle | q3 | end | none);
     warm-up turns update statistics and weights but ``editor.update`` gets ``warmup=True``. ``max_rows`` defaults
-    to the most supervised positions of any turn. ``callback(turns_done, carry, diagnostics_so_far)`` runs on the
-    host after each chunk.
+    to the most supervised positions of any turn. ``callback(turns_done, carry, chunk_diagnostics)`` runs on the
+    host after each chunk (``chunk_diagnostics``: that chunk's turns only).
 
-    With ``checkpoint_dir`` the run state (carry, cursor, diagnostics, and the JSON-able ``host_state`` dict that
-    callbacks may update) is saved every ``checkpoint_every`` chunks and at the end; ``resume=True`` continues from
+    With ``checkpoint_dir`` the run state (carry, cursor, and the JSON-able ``host_state`` dict that callbacks may
+    update) is saved every ``checkpoint_every`` chunks and at the end, and every chunk's diagnostics are
+    appended to ``checkpoint_dir/diagnostics`` as it finishes (cost per checkpoint independent of the turn); ``resume=True`` continues from
     the newest good checkpoint there (refusing one saved for other data, targets, editor or ``run_config``).
     ``on_nonfinite``: ``"skip"`` rejects a turn with a non-finite shift and goes on; ``"stop"`` halts the run at
     that turn and raises ``NonFiniteShift`` (after checkpointing). With a ``mesh`` (``lnjax.sharding``), weights
@@ -288,17 +289,19 @@ def edit_sequence(model, editor: Editor, batches: TurnBatch, targets: Sequence[s
             xs = (shard_turns(xs[0], mesh), xs[1], xs[2])
         carry, diag = chunk_fn(carry, frozen, xs)
         n = min(chunk, total - start)
-        collected.append(jax.tree_util.tree_map(lambda a: np.asarray(a)[:n], diag))
+        part = jax.tree_util.tree_map(lambda a: np.asarray(a)[:n], diag)
+        collected.append(part)
+        if ckpt is not None:
+            ckpt.diagnostics.append(start, part)
         if bar is not None:
             bar.update(n)
-        so_far = _concat(collected)
         if callback is not None:
-            callback(start + n, carry, so_far)
+            callback(start + n, carry, part)
         halted = bool(carry.halted)
         if ckpt is not None and ((i + 1) % checkpoint_every == 0 or start + n == total or halted):
-            ckpt.save(start + n, carry, so_far, fp, host_state)
+            ckpt.save(start + n, carry, fp, host_state)
         if halted:
-            bad = int(np.argmax(np.diff(np.concatenate([[0], so_far["rejected"]])) > 0))
+            bad = int(np.argmax(np.diff(np.concatenate([[0], _concat(collected)["rejected"]])) > 0))
             raise NonFiniteShift(f"turn {bad} produced a non-finite shift; the run stopped there "
                                  "(weights and statistics are those after the turn before it)")
     if bar is not None:

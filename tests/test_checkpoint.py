@@ -152,3 +152,18 @@ def test_killed_cli_run_resumes_to_identical_results(tmp_path):
         assert kernels
         for k in kernels:
             np.testing.assert_array_equal(np.asarray(f1[k]), np.asarray(f2[k]))
+
+
+def test_diagnostics_log_truncates_and_refuses_gaps(tmp_path):
+    log = checkpoint.DiagnosticsLog(str(tmp_path / "diag"))
+    for start in (0, 3, 6):
+        log.append(start, {"loss": np.arange(start, start + 3, dtype=np.float32)})
+    np.testing.assert_array_equal(log.read(6)["loss"], np.arange(6))
+    log.truncate(6)
+    assert log.spans() == [(0, 3), (3, 6)]
+    os.remove(os.path.join(log.directory, "diag_00000003_00000006.npz"))
+    with pytest.raises(checkpoint.CheckpointError, match="stop at turn 3"):
+        log.read(6)
+    log.append(6, {"loss": np.zeros(3, np.float32)})
+    with pytest.raises(checkpoint.CheckpointError, match="missing"):
+        log.read(9)
