@@ -28,7 +28,8 @@ from .world import default_world
 
 # Hyperparameters for the embedded world, from experiments/tune_world.py on seed-1 edits (20 turns of 100):
 # each editor at the learning rate where locality vs the unedited model falls to about 0.67, so the editors are
-# compared at equal damage. On this world none of them writes the edits well yet (see the closing notes).
+# compared at equal damage. On this world none of them writes the edits well: experiments/REPORT.md gives the
+# frontier and the measured reason (the small model's keys have too low an effective dimension).
 WORLD_HPARAMS = {
     "stableedit": {"lr": 3e-2, "alpha": 10.0},
     "stableedit_algorithm1": {"lr": 3e-2, "alpha": 10.0},
