@@ -48,6 +48,10 @@ def leverage(loc_keys, edit_keys, alpha):
     return np.linalg.norm(np.linalg.solve(gram, edit_keys @ loc_keys.T).T, axis=1)
 
 
+def _unit_rows(a):
+    return a / np.linalg.norm(a, axis=1, keepdims=True)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="runs/key_geometry")
@@ -69,8 +73,7 @@ def main(argv=None):
     for t in targets:
         k = edit_keys[t]
         eig = np.linalg.eigvalsh(np.cov(k.T))[::-1]
-        unit = lambda a: a / np.linalg.norm(a, axis=1, keepdims=True)  # noqa: E731
-        cos = unit(loc_keys[t][loc_first]) @ unit(k[edit_first]).T
+        cos = _unit_rows(loc_keys[t][loc_first]) @ _unit_rows(k[edit_first]).T
         out["targets"][t] = {
             "d_in": int(k.shape[1]), "mean_sq_norm": float((k ** 2).sum(1).mean()),
             "participation_ratio": float(eig.sum() ** 2 / (eig ** 2).sum()),

@@ -88,6 +88,12 @@ def metadata(path: str) -> dict:
         raise CheckpointError(f"{path}: unreadable checkpoint metadata ({type(e).__name__}: {e})") from None
 
 
+def _numbered(directory: str, pattern: re.Pattern) -> list[tuple[int, ...]]:
+    """The integer groups of every entry of ``directory`` whose name matches ``pattern``, sorted."""
+    found = (pattern.match(name) for name in os.listdir(directory))
+    return sorted(tuple(int(g) for g in m.groups()) for m in found if m)
+
+
 class DiagnosticsLog:
     """Per-turn diagnostics of a run as one ``diag_<start>_<stop>.npz`` per chunk in ``directory``."""
 
@@ -99,12 +105,7 @@ class DiagnosticsLog:
 
     def spans(self) -> list[tuple[int, int]]:
         """``(start, stop)`` turn spans of the chunks on disk, in order."""
-        out = []
-        for name in os.listdir(self.directory):
-            m = self.PATTERN.match(name)
-            if m:
-                out.append((int(m.group(1)), int(m.group(2))))
-        return sorted(out)
+        return _numbered(self.directory, self.PATTERN)
 
     def _file(self, start: int, stop: int) -> str:
         return os.path.join(self.directory, f"diag_{start:08d}_{stop:08d}.npz")
@@ -160,12 +161,7 @@ class RunCheckpointer:
 
     def steps(self) -> list[int]:
         """Turn counts of the checkpoints present, oldest first."""
-        out = []
-        for name in os.listdir(self.directory):
-            m = self.PATTERN.match(name)
-            if m:
-                out.append(int(m.group(1)))
-        return sorted(out)
+        return [n for (n,) in _numbered(self.directory, self.PATTERN)]
 
     def path(self, turns_done: int) -> str:
         return os.path.join(self.directory, f"turn_{turns_done:08d}")

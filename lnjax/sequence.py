@@ -234,8 +234,9 @@ def edit_sequence(model, editor: Editor, batches: TurnBatch, targets: Sequence[s
 
     With ``checkpoint_dir`` the run state (carry, cursor, and the JSON-able ``host_state`` dict that callbacks may
     update) is saved every ``checkpoint_every`` chunks and at the end, and every chunk's diagnostics are
-    appended to ``checkpoint_dir/diagnostics`` as it finishes (cost per checkpoint independent of the turn); ``resume=True`` continues from
-    the newest good checkpoint there (refusing one saved for other data, targets, editor or ``run_config``).
+    appended to ``checkpoint_dir/diagnostics`` as it finishes (cost per checkpoint independent of the turn);
+    ``resume=True`` continues from the newest good checkpoint there (refusing one saved for other data, targets,
+    editor or ``run_config``).
     ``on_nonfinite``: ``"skip"`` rejects a turn with a non-finite shift and goes on; ``"stop"`` halts the run at
     that turn and raises ``NonFiniteShift`` (after checkpointing). With a ``mesh`` (``lnjax.sharding``), weights
     are split over its ``model`` axis and each turn's edits over its ``data`` axis.
