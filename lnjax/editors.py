@@ -24,6 +24,7 @@ from .features import Features, is_concrete, resolved
 from .solve import METHODS, ridge_shift
 
 NORMALIZATIONS = ("lifelong", "per_turn", "none")
+KEY_METRICS = ("identity", "second_moment")
 POOLINGS = ("shape", "target")
 
 
@@ -68,6 +69,13 @@ class LNConfig:
     nu0: Union[float, str] = 0.0
     eig_floor: float = 1e-6
     solve_method: str = "auto"
+    key_metric: str = "identity"
+    key_prior: float = 1e-2
+
+    @property
+    def keeps_stats(self) -> bool:
+        """Statistics are kept for normalization, or (even without it) for the key metric."""
+        return self.normalization != "none" or self.key_metric != "identity"
 
     def __post_init__(self):
         if self.normalization not in NORMALIZATIONS:
@@ -84,6 +92,10 @@ class LNConfig:
             raise ValueError(f"nu0 must be a number or 'min' (d_out + 2), got {self.nu0!r}")
         if self.whiten and self.normalization == "none":
             raise ValueError("whitening needs normalization statistics (normalization != 'none')")
+        if self.key_metric not in KEY_METRICS:
+            raise ValueError(f"key_metric must be one of {KEY_METRICS}, got {self.key_metric!r}")
+        if self.key_prior <= 0:
+            raise ValueError(f"key_prior must be > 0 (it keeps the key metric invertible), got {self.key_prior}")
 
 
 def _group_of(name: str, d_in: int, d_out: int, pooling: str) -> str:
@@ -128,6 +140,7 @@ def ln_editor(config: LNConfig) -> Editor:
     """An editor of the LN family from a full ``LNConfig`` (the named factories below fill it in)."""
     cfg = config
     track_scatter = cfg.whiten
+    track_keys = cfg.key_metric == "second_moment"
 
     def init(shapes: Mapping[str, tuple[int, int]]) -> EditorState:
         targets = []
@@ -137,9 +150,9 @@ def ln_editor(config: LNConfig) -> Editor:
             d_in, d_out = int(shape[0]), int(shape[1])
             targets.append((name, d_in, d_out, _group_of(name, d_in, d_out, cfg.pooling)))
         stats = {}
-        if cfg.normalization != "none":
+        if cfg.keeps_stats:
             for _, d_in, d_out, group in targets:
-                stats.setdefault(group, ln.init(d_in, d_out, track_scatter))
+                stats.setdefault(group, ln.init(d_in, d_out, track_scatter, track_keys))
         return EditorState(stats=stats, turns=jnp.zeros((), jnp.int32), rejected=jnp.zeros((), jnp.int32),
                            targets=tuple(targets))
 
@@ -153,11 +166,11 @@ def ln_editor(config: LNConfig) -> Editor:
 
         # 1. statistics, once per (mini-batch, target) of the turn, before any shift (REFERENCE.md §4).
         new_stats = {}
-        if cfg.normalization != "none":
+        if cfg.keeps_stats:
             for group, names in members.items():
                 base = state.stats[group]
                 if cfg.normalization == "per_turn":
-                    base = ln.init(base.d_in, base.d_out, track_scatter)
+                    base = ln.init(base.d_in, base.d_out, track_scatter, track_keys)
                 n_members = len(names)
                 num = max(rows[n][2] for n in names)
                 z = jnp.concatenate([jnp.concatenate([features[n].keys, features[n].value_grads], axis=1)
@@ -178,6 +191,10 @@ def ln_editor(config: LNConfig) -> Editor:
                                    lambda s: jnp.eye(s.d_out, dtype=jnp.float32), stats)
                 white[group] = (use, mat)
 
+        # 2b. the key metric of the ridge, once per turn per group (lnjax extension; identity = published).
+        metrics = {group: key_metric(stats, cfg.key_prior) for group, stats in new_stats.items()} \
+            if track_keys else {}
+
         # 3. pseudo-values and ridge shifts per target (REFERENCE.md §5).
         deltas = {}
         for name, d_in, d_out, group in state.targets:
@@ -196,12 +213,12 @@ def ln_editor(config: LNConfig) -> Editor:
                     g_hat = jnp.where(use, ln.whiten(stats, g, mat), g_hat)
             values = -cfg.lr * jnp.sum(k_hat * k_hat, axis=1, keepdims=True) * g_hat
             values = jnp.where(mask[:, None], values, 0.0)
-            deltas[name] = ridge_shift(k, values, cfg.alpha, mask, cfg.solve_method)
+            deltas[name] = ridge_shift(k, values, cfg.alpha, mask, cfg.solve_method, metrics.get(group))
 
         # 4. a non-finite shift is rejected whole: no weight change, statistics as before.
         finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(d)) for d in deltas.values()]))
         deltas = {n: jnp.where(finite, d, 0.0) for n, d in deltas.items()}
-        kept_stats = new_stats if cfg.normalization != "none" else state.stats
+        kept_stats = new_stats if cfg.keeps_stats else state.stats
         stats = jax.tree_util.tree_map(lambda a, b: jnp.where(finite, a, b), kept_stats, state.stats)
         new_state = state.replace(stats=stats, turns=state.turns + finite.astype(jnp.int32),
                                   rejected=state.rejected + (~finite).astype(jnp.int32))
@@ -210,26 +227,42 @@ def ln_editor(config: LNConfig) -> Editor:
     return Editor(init=init, update=update, config=cfg)
 
 
+def key_metric(stats: ln.LNStats, prior: float) -> jax.Array:
+    """The ridge metric ``A = E[k kᵀ] + prior · mean(diag E[k kᵀ]) · I`` (d_in, d_in) from the keys' lifelong
+    second moment; the prior keeps ``A`` invertible before the keys span ``d_in`` (scale-free)."""
+    moment = ln.key_second_moment(stats)
+    scale = jnp.maximum(jnp.mean(jnp.diag(moment)), 1e-12)
+    return moment + prior * scale * jnp.eye(stats.d_in, dtype=jnp.float32)
+
+
 def ultraedit(lr: float = 1e-6, alpha: float = 1.0, *, variance: str = "ddof1", pooling: str = "shape",
-              solve_method: str = "auto") -> Editor:
-    """UltraEdit as its released code runs it: lifelong diagonal LN with the ddof=1 merge, ridge ``α = 1``."""
+              solve_method: str = "auto", key_metric: str = "identity", key_prior: float = 1e-2) -> Editor:
+    """UltraEdit as its released code runs it: lifelong diagonal LN with the ddof=1 merge, ridge ``α = 1``.
+
+    ``key_metric="second_moment"`` (an lnjax extension, not in the papers) penalises the shift in the metric of
+    the keys' lifelong second moment, ``ΔW = (KᵀK + αA)⁻¹KᵀV`` with ``A = E[kkᵀ] + key_prior·mean(diag)·I``
+    over every key seen so far, so a turn changes the outputs of earlier keys as little as the edits allow.
+    """
     return ln_editor(LNConfig(lr=lr, alpha=alpha, normalization="lifelong", variance=variance, pooling=pooling,
-                              solve_method=solve_method))
+                              solve_method=solve_method, key_metric=key_metric, key_prior=key_prior))
 
 
 def stableedit(lr: float = 1e-6, alpha: float = 10.0, *, whiten: bool = True, variance: str = "exact",
                pooling: str = "shape", eps0: float = 0.0, nu0: Union[float, str] = 0.0, whiten_in_warmup: bool = False,
-               eig_floor: float = 1e-6, solve_method: str = "auto") -> Editor:
+               eig_floor: float = 1e-6, solve_method: str = "auto", key_metric: str = "identity",
+               key_prior: float = 1e-2) -> Editor:
     """StableEdit as its released code runs it: lifelong LN (ddof=0 merge), full ZCA whitening of the value
     gradients once ``n > d_out + 1`` (diagonal before that and during warm-up), ridge ``α = 10``.
 
     The paper's Algorithm-1 reading: ``eps0 > 0`` (prior scatter ``ε0·I``), ``nu0`` prior degrees of freedom
     (a number, or ``"min"`` for ``d_out + 2``, the least that makes the estimate defined from the first row),
-    ``pooling="target"``, ``whiten_in_warmup=True`` — see ``stableedit_algorithm1``.
+    ``pooling="target"``, ``whiten_in_warmup=True`` — see ``stableedit_algorithm1``. ``key_metric`` and
+    ``key_prior``: the key-preconditioned ridge, as in ``ultraedit``.
     """
     return ln_editor(LNConfig(lr=lr, alpha=alpha, normalization="lifelong", variance=variance, pooling=pooling,
                               whiten=whiten, whiten_in_warmup=whiten_in_warmup, eps0=eps0, nu0=nu0,
-                              eig_floor=eig_floor, solve_method=solve_method))
+                              eig_floor=eig_floor, solve_method=solve_method, key_metric=key_metric,
+                              key_prior=key_prior))
 
 
 def stableedit_algorithm1(lr: float = 1e-6, alpha: float = 10.0, *, eps0: float = 1e-3,
@@ -241,9 +274,12 @@ def stableedit_algorithm1(lr: float = 1e-6, alpha: float = 10.0, *, eps0: float 
                       solve_method=solve_method)
 
 
-def no_normalization(lr: float = 1e-6, alpha: float = 1.0, *, solve_method: str = "auto") -> Editor:
-    """Ablation: raw keys and value gradients in the same formula ``V = -lr ||k||² g`` (no statistics)."""
-    return ln_editor(LNConfig(lr=lr, alpha=alpha, normalization="none", solve_method=solve_method))
+def no_normalization(lr: float = 1e-6, alpha: float = 1.0, *, solve_method: str = "auto",
+                     key_metric: str = "identity", key_prior: float = 1e-2) -> Editor:
+    """Ablation: raw keys and value gradients in the same formula ``V = -lr ||k||² g``. No statistics, unless
+    ``key_metric="second_moment"`` (then only the keys' second moment is kept, for the ridge metric)."""
+    return ln_editor(LNConfig(lr=lr, alpha=alpha, normalization="none", solve_method=solve_method,
+                              key_metric=key_metric, key_prior=key_prior))
 
 
 def per_turn_normalization(lr: float = 1e-6, alpha: float = 1.0, *, variance: str = "exact",
