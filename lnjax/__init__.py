@@ -10,7 +10,7 @@ from . import batching, checkpoint, data, editors, eval, hf, ln, models, presets
 from . import world, world_model
 from .editors import Editor, EditorState
 from .features import Features
-from .probe import TurnBatch
+from .batching import EditTurn, TurnBatch
 from .sequence import SequenceResult, edit_sequence
 
 __version__ = "0.1.0"

@@ -45,12 +45,24 @@ class EditorState:
         return tuple(t[0] for t in self.targets)
 
 
+NEEDS = ("features", "params", "turn")
+
+
 class Editor(NamedTuple):
-    """An editor: ``init(shapes) -> state`` and ``update(features, state, warmup=False) -> (deltas, state)``."""
+    """An editor (the protocol of docs/method.md §7): ``init(shapes) -> state`` with ``shapes`` {target:
+    (d_in, d_out)}, and ``update(features, state, *, warmup=False, params=None, turn=None) -> (deltas, state)``
+    with ``deltas`` {target: (d_in, d_out) float32}.
+
+    ``needs`` (a subset of ``NEEDS``) says what the engine computes for ``update``: ``"features"`` the turn's
+    ``{target: Features}`` from ``lnjax.probe.turn_features`` on the pre-turn model (else ``features`` is None
+    and the probe is skipped), ``"params"`` the full pre-turn parameters, ``"turn"`` the turn's arrays as an
+    ``lnjax.batching.EditTurn``. The state keeps int32 counters ``turns`` and ``rejected``.
+    """
 
     init: Callable[[Mapping[str, tuple[int, int]]], EditorState]
     update: Callable[..., tuple[dict, EditorState]]
     config: Any = None
+    needs: frozenset = frozenset({"features"})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -143,8 +155,9 @@ def ln_editor(config: LNConfig) -> Editor:
         return EditorState(stats=stats, turns=jnp.zeros((), jnp.int32), rejected=jnp.zeros((), jnp.int32),
                            targets=tuple(targets))
 
-    def update(features: Mapping[str, Features], state: EditorState,
-               warmup: Union[bool, jax.Array] = False) -> tuple[dict, EditorState]:
+    def update(features: Mapping[str, Features], state: EditorState, warmup: Union[bool, jax.Array] = False, *,
+               params=None, turn=None) -> tuple[dict, EditorState]:
+        del params, turn  # the LN family needs features only (``needs`` is the default)
         rows = _check_features(features, state)
         warmup = _as_bool(warmup)
         members: dict[str, list] = {}
