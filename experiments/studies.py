@@ -23,7 +23,10 @@ import numpy as np  # noqa: E402
 from lnjax import data, editors, eval as ev, world_model  # noqa: E402
 from lnjax.batching import pack_turns  # noqa: E402
 from lnjax.plots import plot_update_curves, pyplot, update_curves  # noqa: E402
-from lnjax.run import WORLD_HPARAMS, RunConfig, editor_settings, format_table, run  # noqa: E402
+from lnjax.batching import probe_length  # noqa: E402
+from lnjax.hparams import WORLD_HPARAMS  # noqa: E402
+from lnjax.report import format_table  # noqa: E402
+from lnjax.run import RunConfig, editor_settings, run  # noqa: E402
 from lnjax.sequence import edit_sequence  # noqa: E402
 from lnjax.world import default_world  # noqa: E402
 
@@ -73,7 +76,7 @@ def study_cumulative(out, quick):
     results = {"turns": turns, "late_turns": late_turns, "editors": {}}
     for name in ("stableedit", "ultraedit"):
         ed = editors.get(name, **WORLD_HPARAMS[name])
-        length = max(len(p) + len(a) - 1 for r in recs for p, a in [r.edit])
+        length = max(probe_length(*r.edit) for r in recs)
         full, _ = pack_turns([r.edit for r in recs], per, length)
         only_late, _ = pack_turns([r.edit for r in late], per, length)
         es = ev.build_eval_set(late)

@@ -1,5 +1,5 @@
 """The arrays of a turn (``TurnBatch``, ``EditTurn``) and their host-side packing from tokenized edits
-(docs/method.md §2). NumPy only on the host; the types are pytrees, so the same arrays go into ``lax.scan``."""
+(docs/method.md §1). NumPy only on the host; the types are pytrees, so the same arrays go into ``lax.scan``."""
 
 from __future__ import annotations
 

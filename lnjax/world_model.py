@@ -83,6 +83,11 @@ def load(directory: str = ASSET_DIR) -> Model:
     return Model(cfg, params)
 
 
+def is_model_dir(path: str) -> bool:
+    """Whether ``path`` holds a model written by ``save`` (an Orbax ``params`` directory and ``report.json``)."""
+    return os.path.isdir(os.path.join(path, "params")) and os.path.exists(os.path.join(path, "report.json"))
+
+
 def report(directory: str = ASSET_DIR) -> dict:
     """The training report saved next to a world model."""
     with open(os.path.join(directory, "report.json")) as f:
@@ -95,4 +100,4 @@ def default_model() -> Model:
 
 
 __all__ = ["ASSET_DIR", "DEFAULT_TARGETS", "default_config", "default_model", "fact_accuracy", "fact_examples",
-           "load", "report", "save"]
+           "is_model_dir", "load", "report", "save"]
