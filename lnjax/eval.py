@@ -1,4 +1,4 @@
-"""Metrics of an edited model, each named by its protocol (REFERENCE.md §8).
+"""Metrics of an edited model, each named by its protocol (docs/method.md §9).
 
 - ``teacher_forced``: the reference ES / GS / LS — per example, the fraction of answer positions where
   argmax(logits) equals the label (the gold answer for specificity), then the mean over examples.

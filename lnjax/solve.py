@@ -1,6 +1,6 @@
 """Closed-form ridge shifts ``ΔW = argmin ||K ΔW - V||² + α ||ΔW||²`` with masked rows.
 
-Two algebraically equal forms (REFERENCE.md §5):
+Two algebraically equal forms (docs/method.md §4):
 - primal ``(KᵀK + αI)⁻¹ KᵀV``: a ``d_in × d_in`` system;
 - dual (Woodbury) ``Kᵀ (KKᵀ + αI)⁻¹ V``: an ``N × N`` system, far cheaper when ``N << d_in``.
 Masked rows are zeroed in ``K`` and ``V``; in the dual form their diagonal entry is set to 1 instead of ``α`` so
