@@ -26,8 +26,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import numpy as np  # noqa: E402
 
 from lnjax import data, world_model  # noqa: E402
-from lnjax.batching import pack  # noqa: E402
-from lnjax.probe import IGNORE, turn_features  # noqa: E402
+from lnjax.batching import IGNORE, pack  # noqa: E402
+from lnjax.probe import turn_features  # noqa: E402
 from lnjax.world import default_world  # noqa: E402
 
 

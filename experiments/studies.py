@@ -25,7 +25,7 @@ from lnjax.batching import pack_turns  # noqa: E402
 from lnjax.plots import plot_update_curves, pyplot, update_curves  # noqa: E402
 from lnjax.batching import probe_length  # noqa: E402
 from lnjax.hparams import WORLD_HPARAMS  # noqa: E402
-from lnjax.report import format_table  # noqa: E402
+from lnjax.report import format_table, write_config_and_results  # noqa: E402
 from lnjax.run import RunConfig, editor_settings, run  # noqa: E402
 from lnjax.sequence import edit_sequence  # noqa: E402
 from lnjax.world import default_world  # noqa: E402
@@ -33,11 +33,7 @@ from lnjax.world import default_world  # noqa: E402
 
 def _write(out, name, config, results, summary, figures=()):
     d = os.path.join(out, name)
-    os.makedirs(d, exist_ok=True)
-    with open(os.path.join(d, "config.json"), "w") as f:
-        json.dump(config, f, indent=2)
-    with open(os.path.join(d, "results.json"), "w") as f:
-        json.dump(results, f, indent=2)
+    write_config_and_results(d, config, results)
     with open(os.path.join(d, "summary.md"), "w") as f:
         f.write(summary)
     for fname, fig in figures:

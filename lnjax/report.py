@@ -54,16 +54,20 @@ def metadata(config: dict, *, params, targets, edit_labels: np.ndarray, warmup_t
     }
 
 
+def write_config_and_results(out_dir: str, config: dict, results: dict) -> None:
+    """``config.json`` and ``results.json`` (indented JSON) in ``out_dir``, created if needed."""
+    os.makedirs(out_dir, exist_ok=True)
+    for name, obj in (("config.json", config), ("results.json", results)):
+        with open(os.path.join(out_dir, name), "w") as f:
+            json.dump(obj, f, indent=2)
+
+
 def write_run_dir(out_dir: str, config: dict, results: dict, diag_lines: list[dict]) -> None:
     """Write ``config.json`` (the JSON ``config``), ``results.json``, ``diagnostics.jsonl`` and the plots into
     ``out_dir``."""
     if jax.process_index() != 0:  # multi-host: every process computes the same results; one writes them
         return
-    os.makedirs(out_dir, exist_ok=True)
-    with open(os.path.join(out_dir, "config.json"), "w") as f:
-        json.dump(config, f, indent=2)
-    with open(os.path.join(out_dir, "results.json"), "w") as f:
-        json.dump(results, f, indent=2)
+    write_config_and_results(out_dir, config, results)
     with open(os.path.join(out_dir, "diagnostics.jsonl"), "w") as f:
         for line in diag_lines:
             f.write(json.dumps(line) + "\n")
