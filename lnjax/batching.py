@@ -42,13 +42,14 @@ class EditTurn:
 
     @classmethod
     def of(cls, batch: "TurnBatch | EditTurn") -> "EditTurn":
-        """``batch`` itself when it is an EditTurn; else an EditTurn of the edit arrays only
-        (``subject_last`` all -1, shape of ``labels`` minus the last axis)."""
-        if isinstance(batch, EditTurn):
-            return batch
-        labels = batch.labels
-        unknown = (np.full if isinstance(labels, np.ndarray) else jax.numpy.full)(labels.shape[:-1], -1, np.int32)
-        return cls(edit=batch, subject_last=unknown)
+        """``batch`` as an EditTurn: a TurnBatch becomes one with the edit arrays only; a missing
+        ``subject_last`` becomes all -1 (shape of the edit labels minus the last axis)."""
+        turn = batch if isinstance(batch, EditTurn) else cls(edit=batch)
+        if turn.subject_last is not None:
+            return turn
+        labels = turn.edit.labels
+        full = np.full if isinstance(labels, np.ndarray) else jax.numpy.full
+        return turn.replace(subject_last=full(labels.shape[:-1], -1, np.int32))
 
 
 def probe_length(prompt_ids: Sequence[int], answer_ids: Sequence[int]) -> int:

@@ -69,6 +69,16 @@ def test_params_and_turn_reach_the_editor_inside_one_compiled_scan():
     chex.clear_trace_counter()
 
 
+def test_plain_turn_batches_reach_a_turn_editor_with_unknown_subjects():
+    chex.clear_trace_counter()
+    model = Model(CFG, init_params(CFG, jax.random.PRNGKey(3), std=0.2))
+    res = edit_sequence(model, shrink_editor(), _edit_turns(2, 3).edit, TARGETS, chunk=2, progress=False)
+    for name in TARGETS:   # subject_last = -1 everywhere: the shift's scale is 0
+        np.testing.assert_array_equal(np.asarray(get_module(res.params, name)["kernel"]),
+                                      np.asarray(get_module(model.params, name)["kernel"]))
+    chex.clear_trace_counter()
+
+
 def test_needs_select_what_the_engine_computes():
     model = Model(CFG, init_params(CFG, jax.random.PRNGKey(1), std=0.2))
     tb, _ = pack_turns(_examples(12), 4)
