@@ -34,7 +34,8 @@ def train(world: World, cfg: ModelConfig, *, epochs: int = 60, batch_size: int =
 
     Loss: token cross-entropy on the answer positions only (with ``label_smoothing`` ε: the target gets 1-ε, the
     rest spread over the vocabulary, which bounds how over-confident the model becomes). AdamW with warm-up and
-    cosine decay; ``init`` continues from given parameters. Returns ``(params, report)`` where ``report`` has the final teacher-forced
+    cosine decay; ``init`` continues from given parameters. Returns ``(params, report)`` where ``report`` has
+    the final teacher-forced
     accuracy per wording.
     """
     per_template = wm.fact_examples(world)
@@ -64,7 +65,8 @@ def train(world: World, cfg: ModelConfig, *, epochs: int = 60, batch_size: int =
         return optax.apply_updates(p, upd), s, loss
 
     rng = np.random.default_rng(seed)
-    arrays = [np.stack([np.asarray(getattr(pk, f)) for pk in packed]) for f in ("input_ids", "attention_mask", "labels")]
+    arrays = [np.stack([np.asarray(getattr(pk, f)) for pk in packed])
+              for f in ("input_ids", "attention_mask", "labels")]
     t0 = time.time()
     for epoch in range(epochs):
         order = rng.permutation(n_facts)

@@ -29,7 +29,7 @@ def _scale(subject_last):
 
 
 def shrink_editor():
-    """Needs params and the turn, not features: ΔW = EPS·Σ(subject_last+1)·W/‖W‖ for every target's current W."""
+    """Needs params and the turn, not features: ΔW = EPS·Σ(subject_last+1)·W/‖W‖ for each target's current W."""
 
     def init(shapes):
         return EditorState(stats={}, turns=jnp.zeros((), jnp.int32), rejected=jnp.zeros((), jnp.int32),
