@@ -35,8 +35,7 @@ def train(world: World, cfg: ModelConfig, *, epochs: int = 60, batch_size: int =
     Loss: token cross-entropy on the answer positions only (with ``label_smoothing`` ε: the target gets 1-ε, the
     rest spread over the vocabulary, which bounds how over-confident the model becomes). AdamW with warm-up and
     cosine decay; ``init`` continues from given parameters. Returns ``(params, report)`` where ``report`` has
-    the final teacher-forced
-    accuracy per wording.
+    the final teacher-forced accuracy per wording.
     """
     per_template = wm.fact_examples(world)
     length = max(probe_length(p, a) for ex in per_template for p, a in ex)
