@@ -1,6 +1,6 @@
 """Lifelong-normalization statistics: running mean / variance (and value-gradient scatter) of edit features.
 
-The statistics describe the concatenated feature ``z = [k, g]`` of width ``D = d_in + d_out`` (REFERENCE.md §4):
+The statistics describe the concatenated feature ``z = [k, g]`` of width ``D = d_in + d_out`` (docs/method.md §3):
 a count ``n``, a ``mean`` (D,) and ``m2`` (D,), the running sum of squared deviations, plus, for StableEdit's
 full whitening, ``scatter_v`` (d_out, d_out), the running scatter matrix of the value-gradient part, and,
 for the key-preconditioned ridge (an lnjax extension, off by default), ``scatter_k`` (d_in, d_in), the running

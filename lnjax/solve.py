@@ -2,7 +2,7 @@
 
 ``A`` is the identity (the published ridge) unless a ``metric`` is given: an SPD ``(d_in, d_in)`` matrix, e.g.
 the keys' lifelong second moment, which makes the penalty the mean squared output change over the keys seen so far
-(an lnjax extension, see ``lnjax.editors.LNConfig.key_metric``). Two algebraically equal forms (REFERENCE.md §5):
+(an lnjax extension, docs/method.md §13). Two algebraically equal forms (docs/method.md §4):
 - primal ``(KᵀK + αA)⁻¹ KᵀV``: a ``d_in × d_in`` system;
 - dual (Woodbury) ``A⁻¹Kᵀ (K A⁻¹ Kᵀ + αI)⁻¹ V``: an ``N × N`` system (plus, with a metric, one ``d_in × d_in``
   Cholesky factorisation), far cheaper when ``N << d_in``.

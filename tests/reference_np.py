@@ -1,4 +1,4 @@
-"""An independent float64 NumPy transcription of REFERENCE.md §4-6 (UltraEdit / StableEdit), for parity tests.
+"""An independent float64 NumPy transcription of docs/method.md §3-5 (UltraEdit / StableEdit), for parity tests.
 
 Deliberately naive: statistics are merged one (mini-batch, module) at a time, exactly in the order the released
 code does, and the ridge solve uses the primal form.
