@@ -8,6 +8,7 @@
 
 from . import batching, checkpoint, data, editors, eval, hf, ln, models, presets, probe, sequence, sharding, solve
 from . import world, world_model
+from . import baselines, ft, key_stats, locate
 from .editors import Editor, EditorState
 from .features import Features
 from .probe import TurnBatch

@@ -61,3 +61,21 @@ def test_memit_npz_is_read_and_checked(tmp_path):
     np.savez(path, **{"mom2.mom2": k.T @ k})
     with pytest.raises(ValueError, match="mom2.count"):
         key_stats.read_memit_npz(path)
+
+
+def test_make_editor_reads_npz_statistics_and_labels_them(tmp_path):
+    from lnjax import baselines
+    m = _model()
+    stats = key_stats.collect(m.apply, m.params, TARGETS, _corpus(), batch_size=8)
+    paths = {}
+    for i, t in enumerate(TARGETS):
+        paths[t] = str(tmp_path / f"layer{i}.npz")
+        np.savez(paths[t], **{"mom2.mom2": np.asarray(stats[t].mom2), "mom2.count": np.asarray(stats[t].count)})
+    editor, meta = baselines.make_editor("alphaedit", m, TARGETS, npz=paths, options={"null_rank": 5}, log=None)
+    assert meta["key_stats_approximation"] and meta["key_stats_tokens"] == key_stats.tokens(stats)
+    state = editor.init({t: (CFG.d_ff, CFG.d_model) for t in TARGETS})
+    assert {int(v) for v in state.null_dims.values()} == {5} and editor.needs == {"params", "turn"}
+    with pytest.raises(ValueError, match="needs key statistics"):
+        baselines.make_editor("memit", m, TARGETS)
+    with pytest.raises(ValueError, match="no .npz"):
+        baselines.make_editor("memit", m, TARGETS, npz={TARGETS[0]: paths[TARGETS[0]]})
