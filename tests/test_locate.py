@@ -264,3 +264,12 @@ def test_tokenized_world_records_point_at_the_subject():
         assert tok.decode([tr.edit[0][tr.subject_last]]) == rec.subject
     no_subject = data.records_from_dicts("zsre", [{k: v for k, v in w.records("edit", 1)[0].items() if k != "subject"}])
     assert data.tokenize(no_subject, tok)[0].subject_last == -1
+
+
+def test_generated_prefixes_are_seeded():
+    m = _model()
+    apply = jax.jit(m.apply)
+    a = locate.generate_prefixes(apply, m.params, [(5,), (6, 7)], length=4, seed=3, bos=1)
+    assert a == locate.generate_prefixes(apply, m.params, [(5,), (6, 7)], length=4, seed=3, bos=1)
+    assert [len(p) for p in a] == [4, 4] and a[0][0] == 5 and a[1][:2] == (6, 7)
+    assert locate.LocateConfig("memit", prefixes=a).prefixes == a
