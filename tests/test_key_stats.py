@@ -7,7 +7,7 @@ import pytest
 
 from lnjax import key_stats
 from lnjax.batching import pack
-from lnjax.models import Model, ModelConfig, get_module, init_params
+from lnjax.models import Model, ModelConfig, init_params
 
 CFG = ModelConfig(arch="llama", vocab_size=61, d_model=16, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=24)
 TARGETS = ("model.layers.0.mlp.down_proj", "model.layers.1.mlp.down_proj")
