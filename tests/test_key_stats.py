@@ -79,3 +79,18 @@ def test_make_editor_reads_npz_statistics_and_labels_them(tmp_path):
         baselines.make_editor("memit", m, TARGETS)
     with pytest.raises(ValueError, match="no .npz"):
         baselines.make_editor("memit", m, TARGETS, npz={TARGETS[0]: paths[TARGETS[0]]})
+
+
+def test_alphaedit_state_round_trips_through_a_checkpoint(tmp_path):
+    from lnjax import checkpoint, locate
+    m = _model()
+    stats = key_stats.collect(m.apply, m.params, TARGETS, _corpus(), batch_size=8)
+    ed = locate.alphaedit(m.apply, stats, null_rank=4)
+    state = ed.init({t: (CFG.d_ff, CFG.d_model) for t in TARGETS})
+    state = state.replace(cache_c={t: c + 1.5 for t, c in state.cache_c.items()}, turns=state.turns + 3)
+    back = checkpoint.load(checkpoint.save(str(tmp_path / "state"), state), ed.init({t: (CFG.d_ff, CFG.d_model)
+                                                                                     for t in TARGETS}))
+    assert int(back.turns) == 3 and back.targets == state.targets
+    for t in TARGETS:
+        np.testing.assert_array_equal(np.asarray(back.cache_c[t]), np.asarray(state.cache_c[t]))
+        np.testing.assert_array_equal(np.asarray(back.projector[t]), np.asarray(state.projector[t]))
