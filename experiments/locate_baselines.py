@@ -4,8 +4,8 @@
 
 The same edits as ``lnjax run`` on the world (``World.records("edit", n, seed)``, turns packed by ``pack_turns``),
 evaluated with ``lnjax.eval`` against the unedited model. Each turn is one jitted ``editor.update`` with the
-turn's parameters and arrays (the engine passes those once issue 10's ``needs`` lands; until then this script
-drives the turns itself), timed per turn. Writes ``results.json`` in ``--out``.
+turn's parameters and arrays (what ``edit_sequence`` passes by the editor's ``needs``), driven here turn by turn
+so that each turn is timed. Writes ``results.json`` in ``--out``.
 """
 
 from __future__ import annotations
@@ -18,19 +18,11 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import struct
 
 from lnjax import baselines, data, eval as eval_lib, world_model
-from lnjax.batching import pack_turns
+from lnjax.batching import EditTurn, pack_turns
 from lnjax.models import get_module, with_module_leaf
-from lnjax.probe import TurnBatch
 from lnjax.world import default_world
-
-
-@struct.dataclass
-class Turn:
-    edit: TurnBatch
-    subject_last: jax.Array
 
 
 def main(argv=None):
@@ -68,7 +60,8 @@ def main(argv=None):
 
         @jax.jit
         def turn_fn(params, state, edit, subject_last):
-            deltas, state = editor.update(None, state, params=params, turn=Turn(edit, subject_last))
+            turn = EditTurn(edit=edit, subject_last=subject_last)
+            deltas, state = editor.update(None, state, params=params, turn=turn)
             for t in targets:
                 kernel = get_module(params, t)["kernel"]
                 params = with_module_leaf(params, t, "kernel", kernel + deltas[t].astype(kernel.dtype))

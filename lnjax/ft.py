@@ -29,7 +29,8 @@ from flax import struct
 
 from .editors import Editor
 from .models import get_module, with_module_leaf
-from .probe import IGNORE, TurnBatch, token_log_likelihood
+from .batching import IGNORE, TurnBatch
+from .probe import token_log_likelihood
 
 OBJECTIVES = ("target_new", "prompt_last")
 

@@ -23,9 +23,9 @@ import numpy as np
 from flax import struct
 
 from . import checkpoint
-from .batching import pack
 from .models import get_module, with_module_leaf
-from .probe import Tap, TurnBatch
+from .batching import TurnBatch, pack
+from .probe import Tap
 
 _HP = jax.lax.Precision.HIGHEST
 

@@ -46,7 +46,8 @@ from .editors import Editor
 from .features import is_concrete
 from .key_stats import KeyStats, check_tapped, tap_inputs
 from .models import get_module, split_path, with_module_leaf
-from .probe import IGNORE, TurnBatch, token_log_likelihood
+from .batching import IGNORE, TurnBatch
+from .probe import token_log_likelihood
 
 _HP = jax.lax.Precision.HIGHEST
 THRESHOLD_MODES = ("absolute", "relative")

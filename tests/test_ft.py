@@ -2,23 +2,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import struct
 
 import lnjax as lx
 from lnjax import ft
-from lnjax.batching import pack
+from lnjax.batching import IGNORE, EditTurn, pack
 from lnjax.models import Model, ModelConfig, get_module, init_params, with_module_leaf
-from lnjax.probe import IGNORE, TurnBatch
-from lnjax.sequence import edit_accuracy
+from lnjax.engine import edit_accuracy
 
 CFG = ModelConfig(arch="llama", vocab_size=61, d_model=16, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=24)
 TARGETS = ("model.layers.0.mlp.down_proj", "model.layers.1.mlp.down_proj")
-
-
-@struct.dataclass
-class Turn:
-    edit: TurnBatch
-    subject_last: jax.Array
 
 
 def _setup(n=6, seed=0):
@@ -26,7 +18,7 @@ def _setup(n=6, seed=0):
     rng = np.random.default_rng(seed)
     ex = [([1] + list(rng.integers(4, 61, 4)), list(rng.integers(4, 61, rng.integers(1, 3)))) for _ in range(n)]
     b = pack(ex)
-    return m, Turn(b, -jnp.ones(n, jnp.int32))
+    return m, EditTurn(edit=b, subject_last=-jnp.ones(n, jnp.int32))
 
 
 def _run(m, turn, **kw):

@@ -5,23 +5,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import struct
 
 import lnjax as lx
 from lnjax import key_stats, locate
-from lnjax.batching import pack
+from lnjax.batching import IGNORE, EditTurn, TurnBatch, pack
 from lnjax.models import Model, ModelConfig, apply_fn, get_module, init_params, with_module_leaf
-from lnjax.probe import IGNORE, TurnBatch
 from reference_locate_np import alphaedit_update, memit_update, projector
 
 CFG = ModelConfig(arch="llama", vocab_size=61, d_model=16, n_layers=3, n_heads=4, n_kv_heads=2, d_ff=24)
 TARGETS = ("model.layers.0.mlp.down_proj", "model.layers.1.mlp.down_proj")
-
-
-@struct.dataclass
-class Turn:
-    edit: TurnBatch
-    subject_last: jax.Array
 
 
 def _model(seed=0):
@@ -38,7 +30,7 @@ def _turn(n=4, seed=0, pad_last=False):
     b = pack(ex, 9)
     if pad_last:  # an empty (padding) edit
         b = TurnBatch(b.input_ids, b.attention_mask, np.where(np.arange(n)[:, None] == n - 1, IGNORE, b.labels))
-    return Turn(b, jnp.asarray(subj, jnp.int32))
+    return EditTurn(edit=b, subject_last=jnp.asarray(subj, jnp.int32))
 
 
 def _stats(m):
@@ -248,7 +240,8 @@ def test_rejection_and_bad_input():
     assert all(float(jnp.abs(d).max()) == 0.0 for d in deltas.values())
     turn = _turn(4)
     with pytest.raises(ValueError, match="subject_last"):
-        ed.update(None, state, params=m.params, turn=Turn(turn.edit, turn.subject_last.at[1].set(-1)))
+        ed.update(None, state, params=m.params,
+                  turn=EditTurn(edit=turn.edit, subject_last=turn.subject_last.at[1].set(-1)))
     with pytest.raises(ValueError, match="needs the turn"):
         ed.update(None, state)
     with pytest.raises(ValueError, match="same block"):
@@ -273,3 +266,22 @@ def test_generated_prefixes_are_seeded():
     assert a == locate.generate_prefixes(apply, m.params, [(5,), (6, 7)], length=4, seed=3, bos=1)
     assert [len(p) for p in a] == [4, 4] and a[0][0] == 5 and a[1][:2] == (6, 7)
     assert locate.LocateConfig("memit", prefixes=a).prefixes == a
+
+
+def test_memit_runs_through_edit_sequence():
+    m = _model()
+    ed = lx.editors.get("memit", apply=m.apply, stats=_stats(m), mom2_update_weight=1.0)
+    turns = [_turn(4, seed=s) for s in range(3)]
+    stacked = jax.tree_util.tree_map(lambda *a: np.stack([np.asarray(x) for x in a]), *turns)
+    res = lx.edit_sequence(m, ed, stacked, TARGETS, chunk=2, progress=False)
+    assert int(res.editor_state.turns) == 3 and res.diagnostics["delta_norm"].shape == (3, 2)
+    params = m.params   # the same turns by hand give the same weights
+    state = ed.init({t: (CFG.d_ff, CFG.d_model) for t in TARGETS})
+    update = jax.jit(lambda s, p, tn: ed.update(None, s, params=p, turn=tn))
+    for turn in turns:
+        deltas, state = update(state, params, turn)
+        for t in TARGETS:
+            params = with_module_leaf(params, t, "kernel", get_module(params, t)["kernel"] + deltas[t])
+    for t in TARGETS:
+        np.testing.assert_allclose(np.asarray(get_module(res.params, t)["kernel"]),
+                                   np.asarray(get_module(params, t)["kernel"]), rtol=1e-4, atol=1e-5)

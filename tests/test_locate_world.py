@@ -1,20 +1,12 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import struct
 
 import lnjax as lx
 from lnjax import data, key_stats, world_model
-from lnjax.batching import pack
+from lnjax.batching import EditTurn, TurnBatch, pack
 from lnjax.models import get_module, with_module_leaf
-from lnjax.probe import TurnBatch
-from lnjax.sequence import edit_accuracy
-
-
-@struct.dataclass
-class Turn:
-    edit: TurnBatch
-    subject_last: jax.Array
+from lnjax.engine import edit_accuracy
 
 
 def test_memit_one_turn_on_the_world_model_raises_efficacy(tmp_path):
@@ -29,7 +21,7 @@ def test_memit_one_turn_on_the_world_model_raises_efficacy(tmp_path):
     assert key_stats.tokens(stats) > 15 * 1024
     recs = data.tokenize(data.records_from_dicts("zsre", w.records("edit", 20, seed=3)), tok)
     b = pack([r.edit for r in recs])
-    turn = Turn(b, jnp.asarray([r.subject_last for r in recs]))
+    turn = EditTurn(edit=b, subject_last=jnp.asarray([r.subject_last for r in recs]))
     ed = lx.editors.get("memit", apply=m.apply, stats=stats, fact_token="prompt_last", v_lr=20.0,
                         mom2_update_weight=100.0)
     state = ed.init({t: (1024, 128) for t in targets})
