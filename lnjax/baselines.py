@@ -12,25 +12,11 @@ import os
 from typing import Callable, Mapping, Optional, Sequence
 
 from . import editors as editors_lib
-from . import key_stats
+from . import hparams, key_stats
 
-MODEL_EDITORS = ("ft", "memit", "alphaedit")
-
-# Settings on the embedded world where the published values are tied to model scale (BASELINES.md §10.1): its
-# residual stream has norm ~3000 at the edited position, so Adam's per-coordinate v_lr of 0.5 cannot move z in 25
-# steps (v_lr 20); and the model looks facts up at the question mark after the subject
-# (fact_token="prompt_last"). MEMIT keeps the published λ = 15000 (over 2,000 edits it keeps locality 0.85 where
-# λ = 100 destroys the model), AlphaEdit the published absolute threshold, FT the recommended defaults (FT-M,
-# ε = 5e-5). Measured in experiments/locate_baselines.py (experiments/REPORT.md §7).
-WORLD_HPARAMS = {
-    "ft": {},
-    "memit": {"fact_token": "prompt_last", "v_lr": 20.0},
-    "alphaedit": {"fact_token": "prompt_last", "v_lr": 20.0},
-}
-# MEMIT's z is taken at the last edited block; on the 4-block world model that must not be the last block, whose
-# output at the question mark reaches only the first answer token.
-WORLD_TARGETS = {"memit": ("model.layers.1.mlp.down_proj", "model.layers.2.mlp.down_proj"),
-                 "alphaedit": ("model.layers.1.mlp.down_proj", "model.layers.2.mlp.down_proj")}
+MODEL_EDITORS = hparams.MODEL_BASELINES
+WORLD_HPARAMS = hparams.WORLD_BASELINES
+WORLD_TARGETS = hparams.WORLD_BASELINE_TARGETS
 WORLD_CORPUS = "world pretraining text: every fact in every wording"
 
 
@@ -71,3 +57,22 @@ def make_editor(name: str, model, targets: Sequence[str], *, world=None, npz: Op
     editor = editors_lib.get(name, apply=model.apply, stats=stats, **options)
     return editor, meta
 
+
+
+def for_run(name: str, model, targets: Sequence[str], *, dataset: str, explicit_targets: bool, lr=None,
+            options: Optional[dict] = None, log: Optional[Callable[[str], None]] = print):
+    """``(editor, targets, metadata)`` of baseline ``name`` in an ``lnjax run``: on the world dataset its world
+    settings (``hparams.WORLD_BASELINES``) and, unless the run names its targets, its world targets; ``lr``
+    (FT only) and ``options`` override. Off the world MEMIT and AlphaEdit need ``options["npz"]``
+    ({target: MEMIT-format .npz})."""
+    from .world import default_world
+    on_world = dataset == "world"
+    opts = {**(WORLD_HPARAMS.get(name, {}) if on_world else {}), **(options or {})}
+    npz = opts.pop("npz", None)
+    if lr is not None and name == "ft":
+        opts["lr"] = lr
+    if on_world and not explicit_targets:
+        targets = WORLD_TARGETS.get(name, targets)
+    editor, meta = make_editor(name, model, targets, world=default_world() if on_world else None, npz=npz,
+                               options=opts, log=log)
+    return editor, tuple(targets), meta
