@@ -284,4 +284,4 @@ def test_memit_runs_through_edit_sequence():
             params = with_module_leaf(params, t, "kernel", get_module(params, t)["kernel"] + deltas[t])
     for t in TARGETS:
         np.testing.assert_allclose(np.asarray(get_module(res.params, t)["kernel"]),
-                                   np.asarray(get_module(params, t)["kernel"]), rtol=1e-4, atol=1e-5)
+                                   np.asarray(get_module(params, t)["kernel"]), rtol=1e-3, atol=1e-4)
