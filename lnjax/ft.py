@@ -1,4 +1,5 @@
-"""Fine-tuning baseline (FT-M / FT-L, constrained or not) as a sequential, jittable ``Editor`` (BASELINES.md §7).
+"""Fine-tuning baseline (FT-M / FT-L, constrained or not) as a sequential, jittable ``Editor``
+(the MEMIT-repository FT-L and EasyEdit's FT-M, as their released code runs them; docs/method.md §14).
 
 One turn: a fresh Adam(``lr``, L2 ``weight_decay`` added to the gradient, as torch's Adam) over the edited kernels
 only, started from the turn's weights ``W_turn``; ``num_steps`` epochs over the turn's edits in chunks of

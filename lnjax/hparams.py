@@ -37,7 +37,7 @@ WORLD_HPARAMS = {
 }
 
 # The baselines that run the model (lnjax.baselines: FT, MEMIT, AlphaEdit) on the embedded world, where a
-# published value is tied to model scale (BASELINES.md §10.1): the world model's residual stream has norm ~3000 at
+# published value is tied to model scale: the world model's residual stream has norm ~3000 at
 # the edited position, so Adam's per-coordinate v_lr of 0.5 cannot move z in 25 steps (v_lr 20), and it looks
 # facts up at the question mark after the subject (fact_token="prompt_last"). Everything else is published: MEMIT's
 # λ = 15000 (over 2,000 edits it keeps locality 0.85 where λ = 100 destroys the model), AlphaEdit's absolute

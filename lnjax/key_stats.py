@@ -1,7 +1,7 @@
-"""Second-moment statistics of edited modules' inputs (MEMIT's and AlphaEdit's ``C``), cached on disk.
+"""Second-moment statistics of edited modules' inputs (MEMIT's and AlphaEdit's ``C``; docs/method.md §14).
 
 ``C = (1/T) Σ_t k_t k_tᵀ`` is the **uncentered** second moment of a module's input ``k`` over every non-pad token
-of a corpus (the released MEMIT code calls it "cov"; BASELINES.md §8.2). It is accumulated in float32 as a sum
+of a corpus (the released MEMIT code calls it "cov"). It is accumulated in float32 as a sum
 and a token count, streamed over fixed-shape chunks, so a corpus of any size costs one compile.
 
 On the embedded world the corpus is the world's pretraining text (every fact in every wording, as the model was

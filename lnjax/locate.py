@@ -1,4 +1,5 @@
-"""Locate-then-edit editors: MEMIT and AlphaEdit as sequential, jittable ``Editor``s (BASELINES.md §8-9).
+"""Locate-then-edit editors: MEMIT and AlphaEdit as sequential, jittable ``Editor``s, as their
+released code runs them (docs/method.md §14).
 
 One turn of either editor, for the turn's E edits (all in one batch, fixed shapes, no per-edit Python loop):
 
@@ -445,7 +446,7 @@ def locate_editor(apply: Callable, stats: Mapping[str, KeyStats], cfg: LocateCon
 
 
 def memit(apply: Callable, stats: Mapping[str, KeyStats], **options) -> Editor:
-    """MEMIT (BASELINES.md §8) as a sequential editor; ``options`` are ``LocateConfig`` fields. Defaults are the
+    """MEMIT as a sequential editor; ``options`` are ``LocateConfig`` fields. Defaults are the
     released GPT-J row (v_lr 0.5, 25 steps, weight decay 0.5, clamp 0.75, KL 0.0625, λ = 15000), the subject's
     last token, and the bare prompt only (``prefixes`` adds context prefixes as token ids, inserted at
     ``insert_at``). Plain sequential MEMIT: nothing but the weights carries over between turns."""
@@ -453,9 +454,9 @@ def memit(apply: Callable, stats: Mapping[str, KeyStats], **options) -> Editor:
 
 
 def alphaedit(apply: Callable, stats: Mapping[str, KeyStats], **options) -> Editor:
-    """AlphaEdit (BASELINES.md §9): MEMIT's z and keys, the shift projected on the null space of the unedited
+    """AlphaEdit: MEMIT's z and keys, the shift projected on the null space of the unedited
     model's key second moment (``P``, fixed at ``init``; the state reports ``null_dims`` per target) and the
     past edits' keys accumulated in ``cache_c``; ``options`` are ``LocateConfig`` fields. Published: absolute
     threshold 2e-2, ``l2 = 10``; ``threshold_mode="relative"`` and ``null_rank`` are the documented small-model
-    options (BASELINES.md §10.1)."""
+    options for models whose activation scale differs from the 6-8B models the threshold was set for."""
     return locate_editor(apply, stats, LocateConfig("alphaedit", **options))

@@ -1,4 +1,4 @@
-"""An independent float64 NumPy transcription of BASELINES.md §8.5 and §9 (MEMIT's and AlphaEdit's shifts), in
+"""An independent float64 NumPy transcription of MEMIT's and AlphaEdit's shifts as their papers write them, in
 the papers' (out, in) orientation: keys K are d_in × n, residuals R are d_out × n. Tests transpose the result to
 lnjax's (in, out) kernel layout."""
 
