@@ -25,7 +25,8 @@ class DataError(ValueError):
 class EditRecord:
     """One edit: ``prompt`` → ``target``, a ``paraphrase`` (same target), an unrelated ``loc_prompt`` with its gold
     ``loc_answer``, and optional ``extra`` probes ``((name, prompt, answer), ...)`` (WikiBigEdit's personas and
-    multi-hop). ``source`` and ``row`` say where it came from."""
+    multi-hop). ``source`` and ``row`` say where it came from; ``subject`` (when the dataset gives one) is the
+    edited subject as it occurs in ``prompt`` (MEMIT-style editors locate its last token)."""
 
     prompt: str
     target: str
@@ -35,6 +36,7 @@ class EditRecord:
     extra: tuple = ()
     source: str = ""
     row: int = -1
+    subject: Optional[str] = None
 
 
 @dataclasses.dataclass
@@ -147,7 +149,8 @@ class _Row:
 
 
 def _zsre(r: _Row, rng) -> EditRecord:
-    return EditRecord(r.text("src"), r.text("ans"), r.text("rephrase"), r.text("loc") + "?", r.text("loc_ans"))
+    return EditRecord(r.text("src"), r.text("ans"), r.text("rephrase"), r.text("loc") + "?", r.text("loc_ans"),
+                      subject=r.text("subject", optional=True))
 
 
 def _fever(r: _Row, rng) -> EditRecord:
@@ -177,7 +180,8 @@ def _counterfact(r: _Row, rng) -> EditRecord:
         raise r.err("requested_rewrite.prompt", "has no '{}' for the subject")
     prompt = template.replace("{}", r.text("requested_rewrite.subject"))
     return EditRecord(prompt, r.text("requested_rewrite.target_new.str"), r.text_list("paraphrase_prompts")[0],
-                      r.text_list("neighborhood_prompts")[0], r.text("requested_rewrite.target_true.str"))
+                      r.text_list("neighborhood_prompts")[0], r.text("requested_rewrite.target_true.str"),
+                      subject=r.text("requested_rewrite.subject"))
 
 
 _PARSERS: dict[str, Callable] = {"zsre": _zsre, "fever": _fever, "wikibigedit": _wikibigedit,
@@ -226,12 +230,24 @@ def records_from_dicts(dataset: str, rows: Sequence[dict], source: str = "<memor
 @dataclasses.dataclass
 class TokenizedRecord:
     """Token ids of one record's probes: ``edit``, ``paraphrase``, ``locality`` and ``extra`` (name -> pair),
-    each a (prompt_ids, answer_ids) pair."""
+    each a (prompt_ids, answer_ids) pair; ``subject_last``: index of the subject's last token in the edit prompt
+    (-1 when the record has no subject)."""
 
     edit: tuple
     paraphrase: tuple
     locality: tuple
     extra: dict
+    subject_last: int = -1
+
+
+def subject_last(rec: EditRecord, tok) -> int:
+    """Index of the last token of ``rec.subject`` (its last occurrence) in the tokenized edit prompt: the length
+    of the tokenized prompt text up to the subject's end, minus one (as MEMIT locates it); -1 when the record
+    has no subject or the subject does not occur in the prompt (editors that need it report such records)."""
+    end = -1 if rec.subject is None else rec.prompt.rfind(rec.subject)
+    if end < 0:
+        return -1
+    return len(tok.encode(rec.prompt[:end + len(rec.subject)])) - 1
 
 
 def tokenize(records: Sequence[EditRecord], tok, max_length: Optional[int] = None, *,
@@ -267,5 +283,6 @@ def tokenize(records: Sequence[EditRecord], tok, max_length: Optional[int] = Non
                 report.skipped.append(str(e))
             continue
         extra = {k: v for k, v in pairs.items() if k not in ("edit", "paraphrase", "locality")}
-        out.append(TokenizedRecord(pairs["edit"], pairs["paraphrase"], pairs["locality"], extra))
+        out.append(TokenizedRecord(pairs["edit"], pairs["paraphrase"], pairs["locality"], extra,
+                                   subject_last(rec, tok)))
     return out

@@ -335,12 +335,33 @@ def per_turn_normalization(lr: float = _D["per_turn_normalization"]["lr"],
                               solve_method=solve_method))
 
 
+def ft(apply: Callable, **kwargs) -> Editor:
+    """Fine-tuning of the edited kernels (``lnjax.ft.ft``; imported here lazily, it builds on this module)."""
+    from .ft import ft as factory
+    return factory(apply, **kwargs)
+
+
+def memit(apply: Callable, stats: Mapping, **kwargs) -> Editor:
+    """MEMIT (``lnjax.locate.memit``; imported lazily)."""
+    from .locate import memit as factory
+    return factory(apply, stats, **kwargs)
+
+
+def alphaedit(apply: Callable, stats: Mapping, **kwargs) -> Editor:
+    """AlphaEdit (``lnjax.locate.alphaedit``; imported lazily)."""
+    from .locate import alphaedit as factory
+    return factory(apply, stats, **kwargs)
+
+
 REGISTRY = {
     "ultraedit": ultraedit,
     "stableedit": stableedit,
     "stableedit_algorithm1": stableedit_algorithm1,
     "no_normalization": no_normalization,
     "per_turn_normalization": per_turn_normalization,
+    "ft": ft,
+    "memit": memit,
+    "alphaedit": alphaedit,
 }
 
 

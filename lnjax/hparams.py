@@ -36,6 +36,23 @@ WORLD_HPARAMS = {
     "per_turn_normalization": {"lr": 1e-2, "alpha": 1.0},
 }
 
+# The baselines that run the model (lnjax.baselines: FT, MEMIT, AlphaEdit) on the embedded world, where a
+# published value is tied to model scale: the world model's residual stream has norm ~3000 at
+# the edited position, so Adam's per-coordinate v_lr of 0.5 cannot move z in 25 steps (v_lr 20), and it looks
+# facts up at the question mark after the subject (fact_token="prompt_last"). Everything else is published: MEMIT's
+# λ = 15000 (over 2,000 edits it keeps locality 0.85 where λ = 100 destroys the model), AlphaEdit's absolute
+# null-space threshold, FT-M with ε = 5e-5. Measured in experiments/locate_baselines.py (REPORT.md §7).
+MODEL_BASELINES = ("ft", "memit", "alphaedit")
+WORLD_BASELINES = {
+    "ft": {},
+    "memit": {"fact_token": "prompt_last", "v_lr": 20.0},
+    "alphaedit": {"fact_token": "prompt_last", "v_lr": 20.0},
+}
+# MEMIT's z is taken at the last edited block; on the 4-block world model that must not be the last block, whose
+# output at the question mark reaches only the first answer token.
+WORLD_BASELINE_TARGETS = {"memit": ("model.layers.1.mlp.down_proj", "model.layers.2.mlp.down_proj"),
+                          "alphaedit": ("model.layers.1.mlp.down_proj", "model.layers.2.mlp.down_proj")}
+
 
 def defaults(editor: str) -> dict:
     """``{"lr", "alpha"}`` an editor factory uses when not given (ValueError for an unknown editor)."""
@@ -59,7 +76,10 @@ def resolve(editor: str, *, dataset: str, turns: int, lr: Optional[float] = None
             warmup_turns: Optional[int] = None) -> dict:
     """What a run of ``editor`` uses: ``lr`` and ``alpha`` (the given value, else the world's tuned value on the
     ``"world"`` dataset, else the editor's default) and ``warmup_turns`` (the given value, else ``turns // 10``
-    (at least 1) for StableEdit editors and 0 for the others)."""
+    (at least 1) for StableEdit editors and 0 for the others). For the model-running baselines ``lr`` and
+    ``alpha`` stay as given (None: the editor's own settings; only FT takes an ``lr``)."""
+    if editor in MODEL_BASELINES:
+        return {"lr": lr, "alpha": alpha, "warmup_turns": warmup_turns or 0}
     base = {**defaults(editor), **(WORLD_HPARAMS.get(editor, {}) if dataset == "world" else {})}
     warm = warmup_turns if warmup_turns is not None else (max(1, turns // 10) if uses_warmup(editor) else 0)
     return {"lr": base["lr"] if lr is None else lr, "alpha": base["alpha"] if alpha is None else alpha,

@@ -21,8 +21,8 @@ from . import checkpoint
 from . import data as data_lib
 from . import editors as editors_lib
 from . import eval as eval_lib
-from . import hf, hparams, report, world_model
-from .batching import pack_turns, probe_length
+from . import baselines, hf, hparams, report, world_model
+from .batching import EditTurn, pack_turns, probe_length
 from .hparams import WORLD_HPARAMS  # noqa: F401  (lnjax.run.WORLD_HPARAMS, as before)
 from .report import format_table  # noqa: F401  (lnjax.run.format_table, as before)
 from .sequence import Evaluation, edit_sequence
@@ -122,6 +122,7 @@ class Job:
     turn_of_example: np.ndarray
     warm_turns: dict
     read_report: data_lib.ReadReport
+    subject_last: Optional[np.ndarray] = None
 
 
 def prepare_job(cfg: RunConfig, model, tok) -> Job:
@@ -137,9 +138,11 @@ def prepare_job(cfg: RunConfig, model, tok) -> Job:
     if len(tokenized) < n:
         raise ValueError(f"only {len(tokenized)} of {n} edits are usable ({len(read_report.skipped)} skipped)")
     length = max(probe_length(*r.edit) for r in tokenized + warm_tok)
-    batches, _ = pack_turns([r.edit for r in tokenized], cfg.edits_per_turn, length)
+    batches, order = pack_turns([r.edit for r in tokenized], cfg.edits_per_turn, length)
+    subject_last = np.array([tokenized[i].subject_last if i >= 0 else -1 for i in order.reshape(-1)],
+                            np.int32).reshape(order.shape)
     eval_set = eval_lib.build_eval_set(tokenized)
-    return Job(batches=batches, length=length, warm_tok=warm_tok, eval_set=eval_set,
+    return Job(batches=batches, length=length, warm_tok=warm_tok, eval_set=eval_set, subject_last=subject_last,
                base_loc=eval_lib.base_predictions(model.apply, model.params, eval_set),
                turn_of_example=np.repeat(np.arange(cfg.turns), cfg.edits_per_turn), warm_turns=warm_turns,
                read_report=read_report)
@@ -172,8 +175,17 @@ def run_editor(name: str, cfg: RunConfig, model, targets: tuple, job: Job, *, ch
                       job.length)[0] if r else None
     hooks = [Evaluation(during_run_metrics(cfg, model, job))] if cfg.eval_every > 0 else []
     host = {"curve": []}
+    batches, extra = job.batches, {}
+    if name in baselines.MODEL_EDITORS:  # FT, MEMIT, AlphaEdit run the model: built with their statistics
+        editor, targets, extra = baselines.for_run(name, model, targets, dataset=cfg.dataset,
+                                                   explicit_targets=cfg.targets is not None, lr=cfg.lr,
+                                                   options=cfg.editor_options)
+        batches = EditTurn(edit=job.batches, subject_last=job.subject_last)
+        extra = {**extra, "targets": list(targets)}
+    else:
+        editor = _editor(name, cfg)
     t0 = time.time()
-    res = edit_sequence(model, _editor(name, cfg), job.batches, targets, warmup=warm, warmup_at=cfg.warmup_at,
+    res = edit_sequence(model, editor, batches, targets, warmup=warm, warmup_at=cfg.warmup_at,
                         chunk=cfg.eval_every if cfg.eval_every > 0 else cfg.chunk, minibatch_size=cfg.minibatch_size,
                         track_accuracy=True, hooks=hooks, checkpoint_dir=checkpoint_dir, resume=resume,
                         host_state=host, run_config=cfg.to_json(), **options)
@@ -182,6 +194,7 @@ def run_editor(name: str, cfg: RunConfig, model, targets: tuple, job: Job, *, ch
     metrics = eval_lib.evaluate(model.apply, res.params, job.eval_set, job.base_loc, _protocols(cfg))
     metrics["during_run"] = host["curve"]
     metrics["rejected_turns"] = int(res.editor_state.rejected)
+    metrics.update(extra)
     timings = {"edit_seconds": t_edit, "eval_seconds": time.time() - t0 - t_edit}
     return metrics, timings, report.diagnostics_lines(name, res.diagnostics, targets)
 

@@ -174,6 +174,6 @@ def test_non_finite_shift_under_jit_is_rejected():
 def test_editor_registry_and_config_validation():
     assert lx.editors.get("stableedit").config.whiten
     with pytest.raises(ValueError, match="unknown editor"):
-        lx.editors.get("memit")
+        lx.editors.get("rome")
     with pytest.raises(ValueError, match="variance"):
         lx.editors.ultraedit(variance="ddof2")

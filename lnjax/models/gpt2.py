@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 
 from .config import ModelConfig, hf_activation, hf_common, hf_common_out, refuse
-from .layers import ACTIVATIONS, attend, attention_bias, layer_norm, linear
+from .layers import ACTIVATIONS, attend, attention_bias, block_output, layer_norm, linear
 
 
 def param_shapes(cfg: ModelConfig) -> dict:
@@ -42,7 +42,7 @@ def apply(params: dict, input_ids: jax.Array, attention_mask: jax.Array, cfg: Mo
         q, k, v = (y.reshape(B, L, cfg.n_heads, hd) for y in (q, k, v))
         h = h + linear(attend(q, k, v, allowed, hd ** -0.5), layer["attn"]["c_proj"])
         x = layer_norm(h, layer["ln_2"], cfg.norm_eps)
-        h = h + linear(act(linear(x, layer["mlp"]["c_fc"])), layer["mlp"]["c_proj"])
+        h = block_output(h + linear(act(linear(x, layer["mlp"]["c_fc"])), layer["mlp"]["c_proj"]), layer)
     h = layer_norm(h, t["ln_f"], cfg.norm_eps)
     return (h @ t["wte"]["embedding"].T).astype(jnp.float32)
 

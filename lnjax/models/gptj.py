@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 
 from .config import ModelConfig, hf_activation, hf_common, hf_common_out, refuse
-from .layers import ACTIVATIONS, attend, attention_bias, layer_norm, linear, rotate_interleaved
+from .layers import ACTIVATIONS, attend, attention_bias, block_output, layer_norm, linear, rotate_interleaved
 
 
 def param_shapes(cfg: ModelConfig) -> dict:
@@ -43,7 +43,7 @@ def apply(params: dict, input_ids: jax.Array, attention_mask: jax.Array, cfg: Mo
         k = rotate_interleaved(k, positions, rotary_dim)
         attn_out = linear(attend(q, k, v, allowed, hd ** -0.5, upcast=True), a["out_proj"])
         mlp_out = linear(act(linear(x, layer["mlp"]["fc_in"])), layer["mlp"]["fc_out"])
-        h = h + attn_out + mlp_out
+        h = block_output(h + attn_out + mlp_out, layer)
     h = layer_norm(h, t["ln_f"], cfg.norm_eps)
     return linear(h, params["lm_head"]).astype(jnp.float32)
 

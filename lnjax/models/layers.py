@@ -21,6 +21,13 @@ def linear(x: jax.Array, p: dict) -> jax.Array:
     return y
 
 
+def block_output(h: jax.Array, layer: dict) -> jax.Array:
+    """The residual stream ``h`` [B, L, d_model] after a block, passed through ``layer["residual"]`` when a caller
+    has put a function there (``lnjax.locate`` reads and shifts block outputs this way); otherwise ``h``."""
+    hook = layer.get("residual")
+    return h if hook is None else hook(h)
+
+
 def rms_norm(x: jax.Array, p: dict, eps: float) -> jax.Array:
     """RMSNorm computed in float32 and cast back, as HF Llama/Mistral/Qwen2 do; x [..., d]."""
     xf = x.astype(jnp.float32)

@@ -1,0 +1,75 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import lnjax as lx
+from lnjax import ft
+from lnjax.batching import IGNORE, EditTurn, pack
+from lnjax.models import Model, ModelConfig, get_module, init_params, with_module_leaf
+from lnjax.engine import edit_accuracy
+
+CFG = ModelConfig(arch="llama", vocab_size=61, d_model=16, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=24)
+TARGETS = ("model.layers.0.mlp.down_proj", "model.layers.1.mlp.down_proj")
+
+
+def _setup(n=6, seed=0):
+    m = Model(CFG, init_params(CFG, jax.random.PRNGKey(seed), std=0.3))
+    rng = np.random.default_rng(seed)
+    ex = [([1] + list(rng.integers(4, 61, 4)), list(rng.integers(4, 61, rng.integers(1, 3)))) for _ in range(n)]
+    b = pack(ex)
+    return m, EditTurn(edit=b, subject_last=-jnp.ones(n, jnp.int32))
+
+
+def _run(m, turn, **kw):
+    ed = lx.editors.get("ft", apply=m.apply, **kw)
+    state = ed.init({t: (CFG.d_ff, CFG.d_model) for t in TARGETS})
+    return jax.jit(lambda s, p, tn: ed.update(None, s, params=p, turn=tn))(state, m.params, turn)
+
+
+def _accuracy(m, params, turn):
+    b = turn.edit
+    return float(edit_accuracy(m.apply(params, b.input_ids, b.attention_mask), b.labels)[0].mean())
+
+
+def test_box_constraint_holds_and_unconstrained_ft_learns_the_edits():
+    m, turn = _setup()
+    eps = 1e-3
+    deltas, state = _run(m, turn, lr=1e-2, num_steps=5, norm_constraint=eps, batch_size=4)
+    for t, d in deltas.items():
+        # W - W_turn is formed in float32: one rounding of the kernel's magnitude on top of ε.
+        ulp = np.finfo(np.float32).eps * float(jnp.abs(get_module(m.params, t)["kernel"]).max())
+        assert float(jnp.abs(d).max()) <= eps + 2 * ulp and float(jnp.abs(d).max()) > 0.5 * eps
+    deltas, state = _run(m, turn, lr=1e-2, num_steps=25, norm_constraint=None, batch_size=4)
+    assert float(state.loss[1]) < 0.5 * float(state.loss[0]) and int(state.turns) == 1
+    params = m.params
+    for t in TARGETS:
+        params = with_module_leaf(params, t, "kernel", get_module(params, t)["kernel"] + deltas[t])
+    assert _accuracy(m, params, turn) > _accuracy(m, m.params, turn) + 0.3
+
+
+def test_early_stop_takes_no_step_below_the_loss_floor():
+    m, turn = _setup()
+    edit = ft.ft_editor(m.apply, ft.FTConfig(stop_loss=1e9, norm_constraint=None))
+    state = edit.init({t: (CFG.d_ff, CFG.d_model) for t in TARGETS})
+    deltas, state = edit.update(None, state, params=m.params, turn=turn)
+    assert int(state.epochs) == 1 and all(float(jnp.abs(d).max()) == 0.0 for d in deltas.values())
+
+
+def test_objectives_against_numpy():
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(3, 6, 11)).astype(np.float32)
+    labels = np.full((3, 6), IGNORE)
+    labels[0, 2:4] = [4, 7]
+    labels[1, 1:4] = [1, 1, 9]
+    logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+    tn, real = ft.edit_losses(jnp.asarray(logits), jnp.asarray(labels), "target_new")
+    pl, _ = ft.edit_losses(jnp.asarray(logits), jnp.asarray(labels), "prompt_last")
+    assert list(np.asarray(real)) == [True, True, False]
+    np.testing.assert_allclose(np.asarray(tn)[:2], [-(logp[0, 2, 4] + logp[0, 3, 7]) / 2,
+                                                    -(logp[1, 1, 1] + logp[1, 2, 1] + logp[1, 3, 9]) / 3], rtol=1e-5)
+    # FT-L: every answer token read from the last prompt position's distribution.
+    np.testing.assert_allclose(np.asarray(pl)[:2], [-(logp[0, 2, 4] + logp[0, 2, 7]) / 2,
+                                                    -(2 * logp[1, 1, 1] + logp[1, 1, 9]) / 3], rtol=1e-5)
+    with pytest.raises(ValueError, match="objective"):
+        ft.FTConfig(objective="bag")
