@@ -51,6 +51,7 @@ class Editor(NamedTuple):
     init: Callable[[Mapping[str, tuple[int, int]]], EditorState]
     update: Callable[..., tuple[dict, EditorState]]
     config: Any = None
+    needs: frozenset = frozenset({"features"})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -120,6 +121,30 @@ def _check_features(features: Mapping[str, Features], state: EditorState) -> dic
     return out
 
 
+def group_members(targets: tuple) -> dict[str, list[str]]:
+    """Group name -> its target names in target order, from ``(name, d_in, d_out, group)`` tuples."""
+    members: dict[str, list] = {}
+    for name, _, _, group in targets:
+        members.setdefault(group, []).append(name)
+    return members
+
+
+def fold_group_features(stats: ln.LNStats, features: Mapping[str, Features], rows: dict, names: list,
+                        variance: str) -> ln.LNStats:
+    """``stats`` with one turn's rows of the targets ``names`` (one shape group) folded in.
+
+    Rows are merged one (mini-batch, target) block at a time in the reference's order (mini-batch outer, target
+    inner, REFERENCE.md §4); ``rows`` is ``_check_features``' name -> (mask, segment, num_segments).
+    """
+    n_members = len(names)
+    num = max(rows[n][2] for n in names)
+    z = jnp.concatenate([jnp.concatenate([features[n].keys, features[n].value_grads], axis=1)
+                         .astype(jnp.float32) for n in names], axis=0)
+    mask = jnp.concatenate([rows[n][0] for n in names])
+    seg = jnp.concatenate([rows[n][1] * n_members + j for j, n in enumerate(names)])
+    return ln.update(stats, z, mask, seg, num * n_members, variance)
+
+
 def _as_bool(flag: Union[bool, jax.Array]) -> jax.Array:
     return jnp.asarray(flag, dtype=bool)
 
@@ -147,9 +172,7 @@ def ln_editor(config: LNConfig) -> Editor:
                warmup: Union[bool, jax.Array] = False) -> tuple[dict, EditorState]:
         rows = _check_features(features, state)
         warmup = _as_bool(warmup)
-        members: dict[str, list] = {}
-        for name, _, _, group in state.targets:
-            members.setdefault(group, []).append(name)
+        members = group_members(state.targets)
 
         # 1. statistics, once per (mini-batch, target) of the turn, before any shift (REFERENCE.md §4).
         new_stats = {}
@@ -158,13 +181,7 @@ def ln_editor(config: LNConfig) -> Editor:
                 base = state.stats[group]
                 if cfg.normalization == "per_turn":
                     base = ln.init(base.d_in, base.d_out, track_scatter)
-                n_members = len(names)
-                num = max(rows[n][2] for n in names)
-                z = jnp.concatenate([jnp.concatenate([features[n].keys, features[n].value_grads], axis=1)
-                                     .astype(jnp.float32) for n in names], axis=0)
-                mask = jnp.concatenate([rows[n][0] for n in names])
-                seg = jnp.concatenate([rows[n][1] * n_members + j for j, n in enumerate(names)])
-                new_stats[group] = ln.update(base, z, mask, seg, num * n_members, cfg.variance)
+                new_stats[group] = fold_group_features(base, features, rows, names, cfg.variance)
 
         # 2. the whitening matrix, once per turn per group (StableEdit, REFERENCE.md §6).
         white = {}
@@ -260,6 +277,13 @@ REGISTRY = {
     "no_normalization": no_normalization,
     "per_turn_normalization": per_turn_normalization,
 }
+
+
+# The meta-trained hypernetwork editors (rledit, malmen, mend and their *_no_normalization ablations); imported
+# here, after Editor and the helpers it uses are defined.
+from . import hypernet as _hypernet  # noqa: E402
+
+REGISTRY.update(_hypernet.REGISTRY)
 
 
 def get(name: str, **kwargs) -> Editor:
