@@ -140,10 +140,18 @@ def init_stats(targets: tuple) -> dict:
     return stats
 
 
+def clamp0(x: jax.Array) -> jax.Array:
+    """``max(x, 0)`` with the reference's gradient: torch's ``clamp(min=0)`` passes the gradient where
+    ``x >= 0``, so it is 1 at exactly 0 (``relu`` and ``jnp.maximum`` give 0 and 1/2). At initialisation every
+    pre-activation is exactly 0 (``B = 0``, ``bias = 0``), so this decides whether ``A``, ``B`` and ``bias``
+    receive any gradient at all."""
+    return jnp.where(x >= 0.0, x, 0.0)
+
+
 def net_forward(p: dict, y: jax.Array, m: int) -> jax.Array:
     """The residual blocks of one group's net ``p`` on rows ``y`` [N, size] for module ``m`` → [N, size]."""
     for b in range(p["A"].shape[0]):
-        x = jnp.maximum((y @ p["A"][b]) @ p["B"][b] + p["bias"][b], 0.0)
+        x = clamp0((y @ p["A"][b]) @ p["B"][b] + p["bias"][b])
         y = y + p["scale"][b, m] * x + p["shift"][b, m]
     return y
 

@@ -31,6 +31,7 @@ apply/undo pairs (the functional update never subtracts); optax's clipping scale
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import os
@@ -193,6 +194,7 @@ def _clip(tree, max_norm: float):
     return optax.clip_by_global_norm(max_norm).update(tree, optax.EmptyState())[0]
 
 
+@functools.lru_cache(maxsize=8)
 def make_turn_step(apply: Callable, targets: tuple, net: hn.NetConfig, meta: MetaConfig, max_rows: int) -> Callable:
     """The jitted training step ``step(state, frozen, base_kernels, (edit, para, loc)) -> (state, diagnostics)``.
 
