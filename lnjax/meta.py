@@ -343,7 +343,9 @@ def train(model, targets: Sequence[str], turns: TrainTurns, net: hn.NetConfig, m
     T = turns.n_turns if meta.num_seq is None else min(meta.num_seq, turns.n_turns)
     total = T * meta.n_epochs
     max_rows = feature_rows(turns, net.token)
-    step = make_turn_step(model.apply, layout, net, meta, max_rows)
+    # one compiled step serves every run length and checkpoint interval
+    step = make_turn_step(model.apply, layout, net,
+                          dataclasses.replace(meta, n_epochs=1, num_seq=None, checkpoint_every=1), max_rows)
     state = init_state(net, meta, layout, base, turns)
     first, collected = 0, []
     ckpt = config = None
