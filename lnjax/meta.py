@@ -411,13 +411,16 @@ def load_trained(path: str, net: hn.NetConfig, shapes: Mapping[str, tuple]) -> h
 
 def trained_editor(name: str, model, targets: Sequence[str], *, cache_dir: str = "runs/hypernets",
                    n_train: Optional[int] = None, edits_per_turn: int = 100, seed: int = 0,
-                   options: Optional[dict] = None, reset_at_eval: bool = False, progress: bool = True,
-                   log: Callable[[str], None] = print) -> Editor:
+                   minibatch_size: int = 10, options: Optional[dict] = None, reset_at_eval: bool = False,
+                   progress: bool = True, log: Callable[[str], None] = print) -> Editor:
     """Registry editor ``name`` (``rledit``, ``malmen_no_normalization``, ...) for ``model``, meta-trained on
     the embedded world's training split (``n_train`` records, default all of it, in turns of
     ``edits_per_turn``) unless a net trained with the same model, data and configs is cached in ``cache_dir``
-    (an interrupted training there resumes). ``options`` override ``default_configs`` fields by name."""
-    net, meta = default_configs(name, **(options or {}))
+    (an interrupted training there resumes). ``options`` override ``default_configs`` fields by name (and may
+    carry ``n_train``, as ``lnjax run``'s editor options do)."""
+    options = dict(options or {})
+    n_train = options.pop("n_train", n_train)
+    net, meta = default_configs(name, **{"minibatch_size": minibatch_size, **options})
     n = n_train if n_train is not None else len(default_world().all_facts("train"))
     turns = world_training_turns(n, edits_per_turn, seed)
     _, base = frozen_and_kernels(model.params, tuple(targets))
@@ -434,3 +437,50 @@ def trained_editor(name: str, model, targets: Sequence[str], *, cache_dir: str =
         save_trained(final, trained, report)
     return hn.REGISTRY[name](trained, reset_at_eval=reset_at_eval, apply=model.apply,
                              minibatch_size=meta.minibatch_size)
+
+
+def add_cli(sub) -> None:
+    """Register ``lnjax train-editor`` on the CLI's subparsers ``sub``."""
+    p = sub.add_parser("train-editor", help="meta-train hypernetwork editors on the embedded world (cached)",
+                       description="Meta-train rledit/malmen/mend (or their *_no_normalization ablations) for the "
+                                   "embedded world model on the world's training split, resumably, into the "
+                                   "cache that `lnjax run --editor ...` reads.")
+    p.add_argument("editors", help=f"comma-separated, from {','.join(sorted(hn.REGISTRY))}")
+    p.add_argument("--n-train", type=int, default=None, help="training records (default: the whole split)")
+    p.add_argument("--edits-per-turn", type=int, default=100)
+    p.add_argument("--minibatch-size", type=int, default=10)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a NetConfig/MetaConfig field, e.g. --set meta_lr=1e-3 --set n_epochs=3")
+    p.add_argument("--cache-dir", default="runs/hypernets")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def cli_main(args) -> int:
+    """Run ``lnjax train-editor`` with parsed ``args``; returns the exit status."""
+    import ast
+    import sys
+
+    from .world_model import DEFAULT_TARGETS, default_model
+
+    options = {}
+    for item in args.set:
+        key, sep, value = item.partition("=")
+        if not sep:
+            print(f"lnjax train-editor: --set {item!r}: expected KEY=VALUE", file=sys.stderr)
+            return 2
+        try:
+            options[key] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            options[key] = value
+    names = [n.strip() for n in args.editors.split(",") if n.strip()]
+    unknown = [n for n in names if n not in hn.REGISTRY]
+    if unknown:
+        print(f"lnjax train-editor: unknown editor(s) {unknown}; known: {sorted(hn.REGISTRY)}", file=sys.stderr)
+        return 2
+    model = default_model()
+    for name in names:
+        trained_editor(name, model, DEFAULT_TARGETS, cache_dir=args.cache_dir, n_train=args.n_train,
+                       edits_per_turn=args.edits_per_turn, seed=args.seed, minibatch_size=args.minibatch_size,
+                       options=options, progress=not args.quiet)
+    return 0

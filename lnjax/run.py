@@ -117,7 +117,11 @@ def editor_settings(name: str, cfg: RunConfig) -> dict:
             "alpha": cfg.alpha if cfg.alpha is not None else defaults.get("alpha"), "warmup_turns": warm}
 
 
-def _editor(name: str, cfg: RunConfig):
+def _editor(name: str, cfg: RunConfig, model=None, targets=None, log: Callable[[str], None] = print):
+    if name in editors_lib._hypernet.REGISTRY:   # meta-trained first (or taken from the cache)
+        from .meta import trained_editor
+        return trained_editor(name, model, targets, edits_per_turn=cfg.edits_per_turn, seed=cfg.seed,
+                              minibatch_size=cfg.minibatch_size, options=cfg.editor_options, log=log)
     settings = editor_settings(name, cfg)
     kwargs = {k: settings[k] for k in ("lr", "alpha") if settings[k] is not None}
     kwargs.update(cfg.editor_options or {})
@@ -174,7 +178,7 @@ def run(cfg: RunConfig, out_dir: Optional[str] = None, log: Callable[[str], None
             diag_lines.extend(done["diagnostics"])
             log(f"{name}: finished before the interruption; results taken from {done_file}")
             continue
-        editor = _editor(name, cfg)
+        editor = _editor(name, cfg, model, targets, log)
         r = warm_turns[name]
         warm = pack_turns([t.edit for t in warm_tok[:r * cfg.edits_per_turn]], cfg.edits_per_turn, length)[0] \
             if r else None
