@@ -42,7 +42,7 @@ import jax.numpy as jnp
 from flax import struct
 
 from . import ln
-from .editors import Editor, _check_features, fold_group_features, group_members
+from .editors import Editor, EditorState, _check_features, fold_group_features, group_members
 from .features import Features
 from .probe import TurnBatch, turn_features
 from .solve import METHODS, ridge_shift
@@ -241,18 +241,11 @@ def fresh(cfg: NetConfig, shapes: Mapping[str, tuple]) -> Trained:
 
 
 @struct.dataclass
-class HypernetState:
-    """Evaluation state of a hypernetwork editor: frozen ``theta``, the LN ``stats`` (group -> ``ln.LNStats``),
-    the ``turns`` and ``rejected`` counters (int32, as ``EditorState``) and static ``targets``."""
+class HypernetState(EditorState):
+    """Evaluation state of a hypernetwork editor: an ``EditorState`` (LN ``stats`` per group, ``turns`` and
+    ``rejected`` counters, static ``targets``) plus the frozen net parameters ``theta``."""
 
     theta: dict
-    stats: dict
-    turns: jax.Array
-    rejected: jax.Array
-    targets: tuple = struct.field(pytree_node=False)
-
-    def target_names(self) -> tuple[str, ...]:
-        return tuple(t[0] for t in self.targets)
 
 
 def hypernet_editor(trained: Trained, *, reset_at_eval: bool = False, apply: Optional[Callable] = None,
