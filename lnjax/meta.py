@@ -360,7 +360,8 @@ def train(model, targets: Sequence[str], turns: TrainTurns, net: hn.NetConfig, m
     bar = None
     if progress:
         from tqdm.auto import tqdm
-        bar = tqdm(total=total, initial=first, desc=f"meta-training {meta.algorithm}", unit="turn")
+        bar = tqdm(total=total, initial=first, desc=f"meta-training {meta.algorithm} ({net.normalization})",
+                   unit="turn")
     stop = total if stop_after is None else min(total, stop_after)
     for g in range(first, stop):
         t = g % T
@@ -387,7 +388,8 @@ def train(model, targets: Sequence[str], turns: TrainTurns, net: hn.NetConfig, m
     steps = done if meta.algorithm != "rledit" else done // T
     learned = hn.summary(state.theta)
     for group, s in learned.items():
-        log(f"{meta.algorithm} after {done} turns ({steps} Adam steps), group {group}: lr[m] = "
+        log(f"{meta.algorithm} ({net.normalization}) after {done} turns ({steps} Adam steps), group {group}: "
+            f"lr[m] = "
             f"{['%.3g' % x for x in s['lr']]}, lamda[m] = {['%.3g' % x for x in s['lamda']]}, "
             f"||B|| = {s['B_norm']:.4g}")
     trained = hn.Trained(theta=state.theta, stats=state.stats, config=net, targets=layout)
