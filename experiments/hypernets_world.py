@@ -2,7 +2,7 @@
 editors): each editor is meta-trained on the world's training split (cached in ``runs/hypernets``), then edits
 ``--turns`` turns of 100 sequential edits; prints and writes the ES/GS/LS table.
 
-    python experiments/hypernets_world.py                       # world-scaled: lr 1e-2, meta_lr 1e-3
+    python experiments/hypernets_world.py                       # world-scaled initial lr 1e-2, meta_lr 1e-5
     python experiments/hypernets_world.py --lr 1e-6 --meta-lr 1e-5   # the published initial values
 
 The published initial edit learning rate (1e-6) is tied to 7B-model feature scales; on the world model the
@@ -26,7 +26,7 @@ def main(argv=None):
     ap.add_argument("--turns", type=int, default=20)
     ap.add_argument("--n-train", type=int, default=600)
     ap.add_argument("--lr", type=float, default=1e-2)
-    ap.add_argument("--meta-lr", type=float, default=1e-3)
+    ap.add_argument("--meta-lr", type=float, default=1e-5)
     ap.add_argument("--out", default="runs/hypernets_world")
     a = ap.parse_args(argv)
     cfg = RunConfig(editors=tuple(a.editors.split(",")), turns=a.turns, edits_per_turn=100, generation=False,
