@@ -1,4 +1,4 @@
-"""Command line: ``lnjax run`` (also ``python -m lnjax run``), the main job."""
+"""Command line: ``lnjax run`` (also ``python -m lnjax run``), the main job; ``lnjax train-editor``."""
 
 from __future__ import annotations
 
@@ -60,11 +60,16 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--coordinator", default=None, help="multi-host coordinator address host:port")
     r.add_argument("--num-processes", type=int, default=None)
     r.add_argument("--process-id", type=int, default=None)
+    from .meta import add_cli
+    add_cli(sub)
     return ap
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "train-editor":
+        from .meta import cli_main
+        return cli_main(args)
     if args.distributed:
         import jax
         # Must run before any JAX computation; every process then sees the global devices for --mesh.

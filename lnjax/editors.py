@@ -168,26 +168,41 @@ def _init_state(cfg: LNConfig, shapes: Mapping[str, tuple[int, int]]) -> EditorS
                        targets=tuple(targets))
 
 
+def group_members(targets: tuple) -> dict[str, list[str]]:
+    """Group name -> its target names in target order, from ``(name, d_in, d_out, group)`` tuples."""
+    members: dict[str, list] = {}
+    for name, _, _, group in targets:
+        members.setdefault(group, []).append(name)
+    return members
+
+
+def fold_group_features(stats: ln.LNStats, features: Mapping[str, Features], rows: dict, names: list,
+                        variance: str) -> ln.LNStats:
+    """``stats`` with one turn's rows of the targets ``names`` (one shape group) folded in.
+
+    Rows are merged one (mini-batch, target) block at a time in the reference's order (mini-batch outer, target
+    inner, docs/method.md §3); ``rows`` is ``_check_features``' name -> (mask, segment, num_segments).
+    """
+    n_members = len(names)
+    num = max(rows[n][2] for n in names)
+    z = jnp.concatenate([jnp.concatenate([features[n].keys, features[n].value_grads], axis=1)
+                         .astype(jnp.float32) for n in names], axis=0)
+    mask = jnp.concatenate([rows[n][0] for n in names])
+    seg = jnp.concatenate([rows[n][1] * n_members + j for j, n in enumerate(names)])
+    return ln.update(stats, z, mask, seg, num * n_members, variance)
+
+
 def _merged_stats(cfg: LNConfig, state: EditorState, features: Mapping[str, Features], rows: dict) -> dict:
     """The statistics after this turn, merged once per (mini-batch, target) before any shift
     (docs/method.md §3); empty when no statistics are kept."""
     if not cfg.keeps_stats:
         return {}
-    members: dict[str, list] = {}
-    for name, _, _, group in state.targets:
-        members.setdefault(group, []).append(name)
     new_stats = {}
-    for group, names in members.items():
+    for group, names in group_members(state.targets).items():
         base = state.stats[group]
         if cfg.normalization == "per_turn":
             base = ln.init(base.d_in, base.d_out, cfg.whiten, cfg.tracks_keys)
-        n_members = len(names)
-        num = max(rows[n][2] for n in names)
-        z = jnp.concatenate([jnp.concatenate([features[n].keys, features[n].value_grads], axis=1)
-                             .astype(jnp.float32) for n in names], axis=0)
-        mask = jnp.concatenate([rows[n][0] for n in names])
-        seg = jnp.concatenate([rows[n][1] * n_members + j for j, n in enumerate(names)])
-        new_stats[group] = ln.update(base, z, mask, seg, num * n_members, cfg.variance)
+        new_stats[group] = fold_group_features(base, features, rows, names, cfg.variance)
     return new_stats
 
 
@@ -363,6 +378,13 @@ REGISTRY = {
     "memit": memit,
     "alphaedit": alphaedit,
 }
+
+
+# The meta-trained hypernetwork editors (rledit, malmen, mend and their *_no_normalization ablations); imported
+# here, after Editor and the helpers it uses are defined.
+from . import hypernet as _hypernet  # noqa: E402
+
+REGISTRY.update(_hypernet.REGISTRY)
 
 
 def get(name: str, **kwargs) -> Editor:

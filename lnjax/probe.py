@@ -66,14 +66,20 @@ def minibatch_weights(labels: jax.Array, minibatch_size: int) -> tuple[jax.Array
     return weights, seg, num
 
 
+POSITIONS = ("answer", "all")
+
+
 def turn_features(apply: Callable, params, targets: Sequence[str], batch: TurnBatch, *,
-                  minibatch_size: int = 10, max_rows: Optional[int] = None):
+                  minibatch_size: int = 10, max_rows: Optional[int] = None, positions: str = "answer"):
     """One turn's features for every target, all on the pre-turn model ``params``.
 
     ``batch`` holds one turn, arrays [E, L]. Rows are the supervised positions in (edit, position) order,
     gathered into ``max_rows`` fixed slots (default ``E * L``; masked padding after the real rows). The loss is
     the mean token cross-entropy of each mini-batch of ``minibatch_size`` edits; one backward pass over the
     whole turn gives exactly each mini-batch's own value gradients, because mini-batches share no position.
+
+    ``positions="all"`` takes a row at every attended position instead of the supervised ones (the loss is the
+    same answer-position CE): MEND's ``token: all`` (BASELINES §1.1).
 
     Returns ``(features: name -> Features, loss: mean over mini-batches, n_rows: real rows)``. When
     ``n_rows > max_rows`` the extra rows are dropped: callers must size ``max_rows`` (``edit_sequence`` does
@@ -102,9 +108,12 @@ def turn_features(apply: Callable, params, targets: Sequence[str], batch: TurnBa
         return jnp.sum(ce * weights), sink
 
     (total, inputs), grads = jax.value_and_grad(loss_fn, has_aux=True)(probes)
-    sup = (labels != IGNORE).reshape(-1)
-    (idx,) = jnp.nonzero(sup, size=max_rows, fill_value=0)
-    n_rows = jnp.sum(sup)
+    if positions not in POSITIONS:
+        raise ValueError(f"positions must be one of {POSITIONS}, got {positions!r}")
+    sel = (labels != IGNORE) if positions == "answer" else (attn != 0)
+    sel = sel.reshape(-1)
+    (idx,) = jnp.nonzero(sel, size=max_rows, fill_value=0)
+    n_rows = jnp.sum(sel)
     row_mask = jnp.arange(max_rows) < n_rows
     segment = seg_of_edit[idx // L].astype(jnp.int32)
     feats = {}

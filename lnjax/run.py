@@ -101,7 +101,11 @@ def editor_settings(name: str, cfg: RunConfig) -> dict:
                            warmup_turns=cfg.warmup_turns)
 
 
-def _editor(name: str, cfg: RunConfig):
+def _editor(name: str, cfg: RunConfig, model=None, targets=None, log: Callable[[str], None] = print):
+    if name in editors_lib._hypernet.REGISTRY:   # meta-trained first (or taken from the cache)
+        from .meta import trained_editor
+        return trained_editor(name, model, targets, edits_per_turn=cfg.edits_per_turn, seed=cfg.seed,
+                              minibatch_size=cfg.minibatch_size, options=cfg.editor_options, log=log)
     settings = editor_settings(name, cfg)
     kwargs = {"lr": settings["lr"], "alpha": settings["alpha"], **(cfg.editor_options or {})}
     return editors_lib.get(name, **kwargs)
@@ -183,7 +187,7 @@ def run_editor(name: str, cfg: RunConfig, model, targets: tuple, job: Job, *, ch
         batches = EditTurn(edit=job.batches, subject_last=job.subject_last)
         extra = {**extra, "targets": list(targets)}
     else:
-        editor = _editor(name, cfg)
+        editor = _editor(name, cfg, model, targets, options.get("log", print))
     t0 = time.time()
     res = edit_sequence(model, editor, batches, targets, warmup=warm, warmup_at=cfg.warmup_at,
                         chunk=cfg.eval_every if cfg.eval_every > 0 else cfg.chunk, minibatch_size=cfg.minibatch_size,
