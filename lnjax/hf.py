@@ -187,12 +187,26 @@ def _empty_tree(cfg: ModelConfig) -> dict:
     return rec(param_shapes(cfg))
 
 
+def _gguf_file(path: str) -> Optional[str]:
+    """The GGUF file ``path`` names: a built-in model name (``lnjax.builtin_models``, fetched once) or a
+    ``.gguf`` file; None for an HF checkpoint directory."""
+    from . import builtin_models
+    if builtin_models.is_builtin(path):
+        return builtin_models.path(path)
+    return path if str(path).endswith(".gguf") else None
+
+
 def load(path: str, dtype: str = "float32") -> Model:
-    """Load an HF decoder checkpoint directory as a ``Model`` with parameters in ``dtype``.
+    """Load an HF decoder checkpoint directory as a ``Model`` with parameters in ``dtype``; a built-in name
+    (``"smollm2"``) or a ``.gguf`` file is read by ``lnjax.gguf``.
 
     Streams tensor by tensor (peak host memory about one copy of the weights), checks every shape against the
     architecture, and raises CheckpointError naming missing, unexpected or mis-shaped tensors.
     """
+    gguf_file = _gguf_file(path)
+    if gguf_file:
+        from . import gguf
+        return gguf.load(gguf_file, dtype)
     if dtype not in _DTYPES:
         raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
     from safetensors import SafetensorError, safe_open
@@ -305,7 +319,12 @@ class Tokenizer:
 
 
 def load_tokenizer(path: str) -> Tokenizer:
-    """The tokenizer of checkpoint directory ``path`` (its ``tokenizer.json``)."""
+    """The tokenizer of checkpoint directory ``path`` (its ``tokenizer.json``), or of a built-in model name or
+    ``.gguf`` file (from the GGUF metadata)."""
+    gguf_file = _gguf_file(path)
+    if gguf_file:
+        from . import gguf
+        return gguf.load_tokenizer(gguf_file)
     from tokenizers import Tokenizer as _HFTokenizer
 
     file = os.path.join(path, "tokenizer.json")
