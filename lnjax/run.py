@@ -52,7 +52,8 @@ class RunConfig:
     lr: Optional[float] = None
     alpha: Optional[float] = None
     targets: Optional[tuple] = None
-    model: Optional[str] = None          # HF checkpoint dir or world-model dir; None = the embedded world model
+    model: Optional[str] = None          # HF checkpoint dir, world-model dir, built-in name (smollm2) or .gguf;
+                                         # None = the embedded world model
     dtype: str = "float32"
     dataset: str = "world"
     data: Optional[str] = None
@@ -82,6 +83,10 @@ def _load_model(cfg: RunConfig):
     if cfg.model is None or _is_world_model_dir(cfg.model):
         model = world_model.load(cfg.model or world_model.ASSET_DIR)
         return model, default_world().tokenizer(), tuple(cfg.targets or world_model.DEFAULT_TARGETS)
+    from . import builtin_models
+    if builtin_models.is_builtin(cfg.model) and not cfg.targets:
+        spec = builtin_models.BUILTIN[cfg.model]
+        return hf.load(cfg.model, cfg.dtype), hf.load_tokenizer(cfg.model), spec.default_targets
     if not cfg.targets:
         raise ValueError("--targets is required with --model (e.g. from lx.presets.targets(...))")
     return hf.load(cfg.model, cfg.dtype), hf.load_tokenizer(cfg.model), tuple(cfg.targets)
@@ -94,6 +99,10 @@ def _load_records(cfg: RunConfig, n: int, n_warm: int, report: data_lib.ReadRepo
         warm = data_lib.records_from_dicts("zsre", w.records("train", n_warm, seed=cfg.seed), "world:train") \
             if n_warm else []
         return edits, warm
+    if cfg.dataset == "facts":
+        from . import facts
+        return (facts.edit_records("edit", n, seed=cfg.seed),
+                facts.edit_records("train", n_warm, seed=cfg.seed) if n_warm else [])
     if cfg.data is None:
         raise ValueError(f"--data PATH is required for --dataset {cfg.dataset}")
     edits = data_lib.read(cfg.dataset, cfg.data, n, seed=cfg.seed, skip_bad_rows=cfg.skip_bad_rows, report=report)
@@ -145,6 +154,8 @@ def run(cfg: RunConfig, out_dir: Optional[str] = None, log: Callable[[str], None
     n_warm = max(warm_turns.values(), default=0) * cfg.edits_per_turn
     report = data_lib.ReadReport()
     records, warm_records = _load_records(cfg, n, n_warm, report)
+    if report.layout:
+        log(f"{cfg.data}: read as {cfg.dataset} in the {report.layout} layout")
     tokenized = data_lib.tokenize(records, tok, cfg.max_length, skip_bad_rows=cfg.skip_bad_rows, report=report)
     warm_tok = data_lib.tokenize(warm_records, tok, cfg.max_length, skip_bad_rows=cfg.skip_bad_rows, report=report)
     if len(tokenized) < n:
@@ -229,7 +240,7 @@ def run(cfg: RunConfig, out_dir: Optional[str] = None, log: Callable[[str], None
         "warmup_turns": warm_turns, "rows_edited": rows_edited, "sum_d_in": d_in_total,
         "rows_per_key_dim": rows_edited / d_in_total,
         "edited_fraction_of_world_facts": (n / default_world().n_facts) if cfg.dataset == "world" else None,
-        "skipped_rows": report.skipped, "timings": timings, "total_seconds": time.time() - t_start,
+        "data_packages": _data_packages(cfg), "data_layout": report.layout, "skipped_rows": report.skipped, "timings": timings, "total_seconds": time.time() - t_start,
         "host": {"platform": platform.platform(), "python": platform.python_version(), "jax": jax.__version__,
                  "devices": [str(x) for x in jax.devices()]},
         "protocols": {"teacher_forced": "argmax token accuracy on answer positions, mean over examples",
@@ -239,6 +250,14 @@ def run(cfg: RunConfig, out_dir: Optional[str] = None, log: Callable[[str], None
     if out_dir:
         write_run_dir(out_dir, cfg, results, diag_lines)
     return results
+
+
+def _data_packages(cfg: RunConfig) -> Optional[dict]:
+    """Versions of the packages generated data came from (None for data read from files or the world)."""
+    if cfg.dataset != "facts":
+        return None
+    from . import facts
+    return facts.versions()
 
 
 def _target_turns(cfg: RunConfig, warm: int) -> np.ndarray:
