@@ -25,10 +25,9 @@ from __future__ import annotations
 import os
 from typing import Optional
 
-import jax.numpy as jnp
 import numpy as np
 
-from .hf import _DTYPES, CheckpointError, Tokenizer, _empty_tree, _set_leaf, config_to_hf, hf_key_map
+from .hf import _DTYPES, CheckpointError, Tokenizer, _empty_tree, check_complete, config_to_hf, hf_key_map, put_tensor
 from .models import Model, ModelConfig
 
 _GPT2_SPLIT = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
@@ -154,27 +153,17 @@ def load(path: str, dtype: str = "float32") -> Model:
         if key not in expected:
             unexpected.append(tensor.name)
             continue
-        module, leaf, shape, transpose = expected[key]
         try:
             arr = tensor_array(tensor)
         except Exception as e:  # an unsupported quantization type or a truncated file
             raise CheckpointError(f"{path}: tensor {tensor.name!r} ({tensor.tensor_type.name}) cannot be read "
                                   f"({e})") from None
-        got = tuple(arr.shape[::-1]) if transpose else tuple(arr.shape)
-        if got != shape:
-            raise CheckpointError(f"{path}: tensor {tensor.name!r} has shape {arr.shape}, the metadata implies "
-                                  f"{shape[::-1] if transpose else shape}")
-        if ".attn_q." in tensor.name:
-            arr = _unpermute_qk(arr, cfg.n_heads)
-        elif ".attn_k." in tensor.name:
-            arr = _unpermute_qk(arr, cfg.kv_heads)
-        arr = jnp.asarray(arr).astype(_DTYPES[dtype])
-        _set_leaf(tree, module, leaf, arr.T if transpose else arr)
+        heads = cfg.n_heads if ".attn_q." in tensor.name else cfg.kv_heads if ".attn_k." in tensor.name else 0
+        if heads and arr.shape[0] % (2 * heads) == 0:  # a mis-shaped tensor is refused by put_tensor instead
+            arr = _unpermute_qk(arr, heads)
+        put_tensor(tree, expected[key], arr, _DTYPES[dtype], f"{path}: tensor {tensor.name!r}")
         seen.add(key)
-    missing = sorted(set(expected) - seen)
-    if missing or unexpected:
-        raise CheckpointError(f"{path}: missing tensors {missing[:10]}{' ...' if len(missing) > 10 else ''}; "
-                              f"unexpected tensors {unexpected[:10]}")
+    check_complete(path, expected, seen, unexpected)
     hf_cfg = config_to_hf(cfg, dtype)
     # Llama has no position table; the context length only goes into config.json, as HF checkpoints carry it.
     hf_cfg["max_position_embeddings"] = int(_field(reader, path, "llama.context_length", cfg.max_positions))

@@ -233,23 +233,33 @@ def load(path: str, dtype: str = "float32") -> Model:
                         continue
                     unexpected.append(key)
                     continue
-                module, leaf, shape, transpose = expected[key]
                 try:
                     t = f.get_tensor(key)
                 except Exception as e:
                     raise CheckpointError(f"{file}: tensor {key!r} cannot be read ({e})") from None
-                got = tuple(t.shape[::-1]) if transpose else tuple(t.shape)
-                if got != shape:
-                    raise CheckpointError(f"{file}: tensor {key!r} has shape {tuple(t.shape)}, the config implies "
-                                          f"{shape[::-1] if transpose else shape}")
-                t = jnp.asarray(t).astype(jdtype)
-                _set_leaf(tree, module, leaf, t.T if transpose else t)
+                put_tensor(tree, expected[key], t, jdtype, f"{file}: tensor {key!r}")
                 seen.add(key)
+    check_complete(path, expected, seen, unexpected)
+    return Model(cfg, tree, hf_config=hf_cfg)
+
+
+def put_tensor(tree: dict, entry: tuple, t, jdtype, where: str) -> None:
+    """Check HF-layout tensor ``t`` against its ``hf_key_map`` entry, cast it and set it in ``tree``."""
+    module, leaf, shape, transpose = entry
+    got = tuple(t.shape[::-1]) if transpose else tuple(t.shape)
+    if got != shape:
+        raise CheckpointError(f"{where} has shape {tuple(t.shape)}, the config implies "
+                              f"{shape[::-1] if transpose else shape}")
+    t = jnp.asarray(t).astype(jdtype)
+    _set_leaf(tree, module, leaf, t.T if transpose else t)
+
+
+def check_complete(path: str, expected: dict, seen: set, unexpected: list) -> None:
+    """CheckpointError naming missing and unexpected tensors, if any."""
     missing = sorted(set(expected) - seen)
     if missing or unexpected:
         raise CheckpointError(f"{path}: missing tensors {missing[:10]}{' ...' if len(missing) > 10 else ''}; "
                               f"unexpected tensors {unexpected[:10]}")
-    return Model(cfg, tree, hf_config=hf_cfg)
 
 
 def save(model: Model, params: Any, out_dir: str, dtype: Optional[str] = None) -> str:
