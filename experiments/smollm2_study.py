@@ -1,8 +1,8 @@
 """SmolLM2-135M on the real-fact edit set, in one process (the model loads and compiles once):
 
     python experiments/smollm2_study.py knowledge --n 1200
-    python experiments/smollm2_study.py frontier --grid "ultraedit=1e-4,1e-3,1e-2;stableedit=1e-4,1e-3,1e-2" \
-        --no-ln-lrs-from 1e-4,1e-3,1e-2
+    python experiments/smollm2_study.py frontier \
+        --grid "ultraedit=1e-3;stableedit=1e-3;no_normalization=~1e-3;ultraedit=1e-2;stableedit=1e-2"
 
 ``knowledge``: what the unedited model gets right on the first ``n`` edit-split facts with their true answers,
 by relation (teacher-forced and greedy), and the known/unknown row indices (``lnjax.facts.knowledge``).
@@ -10,7 +10,8 @@ by relation (teacher-forced and greedy), and the known/unknown row indices (``ln
 ``frontier``: one turn of ``--edits`` counterfactual edits on ``--targets`` per (editor, lr), evaluated on the
 edit, paraphrase and locality probes (teacher-forced) and locality vs the unedited model. First it records the
 scale of the turn's raw features per target (mean ``‖k‖²``, mean ``‖g‖``) and of the normalized ones
-(``‖k̂‖² ≈ d_in``), the factor the value step ``V = -lr ‖k‖² g`` differs by between no-LN and LN editors.
+(``‖k̂‖² ≈ d_in``), the factor the value step ``V = -lr ‖k‖² g`` differs by between no-LN and LN editors; a grid
+value ``~lr`` is lr times that factor (no-LN at the step size LN takes at lr).
 StableEdit gets one warm-up turn from the training split, as ``lnjax run`` gives it.
 """
 
@@ -68,13 +69,12 @@ def frontier(model, tok, args):
                                                                                "locality_vs_unedited")),
            "rows": []}
     print(json.dumps({"scales": out["scales"], "unedited": out["unedited"]}), flush=True)
-    grid = [(n.strip(), [float(x) for x in lrs.split(",") if x])
+    # "~lr": lr times the standardized/raw step-scale ratio, i.e. the no-LN lr whose raw value step has the size
+    # LN's standardized step has at lr
+    ratio = float(np.mean([s["standardized_step_scale"] / s["raw_step_scale"] for s in out["scales"].values()]))
+    out["step_scale_ratio"] = ratio
+    grid = [(n.strip(), [float(x[1:]) * ratio if x.startswith("~") else float(x) for x in lrs.split(",") if x])
             for n, _, lrs in (part.partition("=") for part in args.grid.split(";"))]
-    if args.no_ln_lrs_from:
-        # no-LN at the lrs that give its raw value step the size LN's standardized step has at these lrs
-        ratio = np.mean([s["standardized_step_scale"] / s["raw_step_scale"] for s in out["scales"].values()])
-        out["no_ln_lr_ratio"] = float(ratio)
-        grid.append(("no_normalization", [float(x) * ratio for x in args.no_ln_lrs_from.split(",")]))
     for name, lrs in grid:
         for lr in lrs:
             t0 = time.time()
@@ -98,8 +98,6 @@ def main(argv=None):
     ap.add_argument("--edits", type=int, default=100)
     ap.add_argument("--targets", default="")
     ap.add_argument("--grid", default="ultraedit=1e-4,1e-3,1e-2;stableedit=1e-4,1e-3,1e-2")
-    ap.add_argument("--no-ln-lrs-from", default="", help="also run no_normalization at these LN lrs times the "
-                                                           "measured standardized/raw step-scale ratio")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="experiments/results/smollm2")
     args = ap.parse_args(argv)

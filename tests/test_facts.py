@@ -106,3 +106,14 @@ def test_knowledge_matches_a_plain_greedy_loop(monkeypatch):
     for rel, v in out["by_relation"].items():
         idx = [i for i, r in enumerate(rows) if r["relation"] == rel]
         assert v["n"] == len(idx) and abs(v["greedy"] - np.mean([i % 2 == 0 for i in idx])) < 1e-6
+
+
+def test_run_reads_facts_and_uses_the_builtin_defaults():
+    from lnjax import data
+    from lnjax.run import RunConfig, _load_records, editor_settings
+
+    cfg = RunConfig(model="smollm2", dataset="facts", turns=3, edits_per_turn=10)
+    edits, warm = _load_records(cfg, 30, 10, data.ReadReport())
+    assert [r.source for r in edits] == ["facts:edit"] * 30 and [r.source for r in warm] == ["facts:train"] * 10
+    assert editor_settings("ultraedit", cfg)["lr"] == 1e-3 and editor_settings("stableedit", cfg)["alpha"] == 10.0
+    assert editor_settings("ultraedit", RunConfig(model="smollm2", dataset="facts", lr=5e-4))["lr"] == 5e-4
