@@ -1,9 +1,10 @@
-"""Why the embedded world resists one-step editing: the geometry of the keys the editors solve over.
+"""The geometry of the keys the editors solve over, for any model: why one-step editing does or does not write.
 
     python experiments/key_geometry.py [--out experiments/results/key_geometry] [--model DIR]
+    python experiments/key_geometry.py --model smollm2 --dataset facts --layers 5,15,25,26,27,28,29
 
-For every down_proj of the world model, on edit prompts (seed-1 records, as the tuning sweep uses) and their
-locality prompts, at the supervised positions (docs/method.md §1):
+For every down_proj of the model (the world model by default; ``--layers`` picks some), on edit prompts (seed-1
+records, as the tuning sweep uses) and their locality prompts, at the supervised positions (docs/method.md §1):
 
 - mean squared key norm, participation ratio ``(Σλ)²/Σλ²`` of the key covariance and the number of principal
   directions holding 90% of its variance (the keys' effective dimension);
@@ -25,7 +26,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 import numpy as np  # noqa: E402
 
-from lnjax import data, world_model  # noqa: E402
+from lnjax import data, facts, hf, world_model  # noqa: E402
 from lnjax.batching import IGNORE, pack  # noqa: E402
 from lnjax.probe import turn_features  # noqa: E402
 from lnjax.world import default_world  # noqa: E402
@@ -59,17 +60,27 @@ def main(argv=None):
     ap.add_argument("--edits", type=int, default=400)
     ap.add_argument("--alpha", type=float, default=10.0)
     ap.add_argument("--turn-sizes", default="10,20,50,100")
+    ap.add_argument("--dataset", choices=("world", "facts"), default="world")
+    ap.add_argument("--layers", default="", help="comma-separated layer indices (default: every layer)")
     args = ap.parse_args(argv)
-    model = world_model.load(args.model) if args.model else world_model.default_model()
-    world = default_world()
-    recs = data.tokenize(data.records_from_dicts("zsre", world.records("edit", args.edits, seed=1), "world"),
-                         world.tokenizer())
-    targets = [f"model.layers.{i}.mlp.down_proj" for i in range(model.config.n_layers)]
+    if args.model is None or os.path.exists(os.path.join(args.model, "report.json")):
+        model = world_model.load(args.model) if args.model else world_model.default_model()
+        tok = default_world().tokenizer()
+    else:
+        model, tok = hf.load(args.model), hf.load_tokenizer(args.model)
+    if args.dataset == "world":
+        records = data.records_from_dicts("zsre", default_world().records("edit", args.edits, seed=1), "world")
+    else:
+        records = facts.edit_records("edit", args.edits, seed=1)
+    recs = data.tokenize(records, tok)
+    layers = [int(x) for x in args.layers.split(",") if x] or range(model.config.n_layers)
+    targets = [f"model.layers.{i}.mlp.down_proj" for i in layers]
     edit_keys, edit_first = supervised_keys(model, targets, [r.edit for r in recs])
     loc_keys, loc_first = supervised_keys(model, targets, [r.locality for r in recs[:100]])
     edit_of_row = np.cumsum(edit_first) - 1
     sizes = [int(x) for x in args.turn_sizes.split(",")]
-    out = {"edits": args.edits, "alpha": args.alpha, "d_model": model.config.d_model, "targets": {}}
+    out = {"model": args.model or "world", "dataset": args.dataset, "edits": args.edits, "alpha": args.alpha,
+           "d_model": model.config.d_model, "targets": {}}
     for t in targets:
         k = edit_keys[t]
         eig = np.linalg.eigvalsh(np.cov(k.T))[::-1]
@@ -87,7 +98,8 @@ def main(argv=None):
         json.dump(out, f, indent=2)
     head = "| target | d_in | eff. dim (PR) | dims for 90% | nearest-edit cos | " + \
         " | ".join(f"leverage n={n}" for n in sizes) + " |"
-    lines = [f"# Key geometry of the world model (d_model {out['d_model']}, α {args.alpha})", "", head,
+    lines = [f"# Key geometry of {out['model']} on {args.dataset} edits (d_model {out['d_model']}, α {args.alpha})",
+             "", head,
              "|" + "---|" * (5 + len(sizes))]
     for t, r in out["targets"].items():
         lines.append(f"| {t} | {r['d_in']} | {r['participation_ratio']:.1f} | {r['dims_for_90pct_variance']} | "

@@ -1,7 +1,8 @@
-"""Learning-rate sweep on the embedded world: the efficacy / locality frontier of each editor.
+"""Learning-rate sweep: the efficacy / locality frontier of each editor (on the embedded world by default).
 
     python experiments/tune_world.py --grid "stableedit=3e-3,1e-2,3e-2,1e-1;ultraedit=1e-3,3e-3,1e-2,3e-2;no_normalization=0.3,1,3,10"
     python experiments/tune_world.py --editors stableedit --lrs 1e-2,3e-2 --alphas 1,10
+    python experiments/tune_world.py --model smollm2 --dataset facts --turns 1 --grid "ultraedit=1e-3,1e-2"
 
 Edits are drawn with a seed other than the default run's (``--seed 1``). Prints one JSON line per
 (editor, lr, alpha) with the teacher-forced metrics and locality vs the unedited model, writes them all to
@@ -60,7 +61,11 @@ def main(argv=None):
     ap.add_argument("--edits-per-turn", type=int, default=100)
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--out", default="runs/tune_world.json")
-    ap.add_argument("--model", default=None, help="world-model directory (default: the shipped one)")
+    ap.add_argument("--model", default=None, help="world-model directory (default: the shipped one), HF "
+                                                 "checkpoint, .gguf or built-in name (smollm2)")
+    ap.add_argument("--dataset", default="world", help="world or facts (generated data; no --data needed)")
+    ap.add_argument("--targets", default="", help="comma-separated module paths (default: the model's)")
+    ap.add_argument("--warmup-turns", type=int, default=None)
     ap.add_argument("--options", default="{}",
                     help='extra editor options as JSON, e.g. \'{"key_metric": "second_moment"}\'')
     args = ap.parse_args(argv)
@@ -72,6 +77,8 @@ def main(argv=None):
             for alpha in alphas:
                 cfg = RunConfig(editors=(name,), turns=args.turns, edits_per_turn=args.edits_per_turn, lr=lr,
                                 alpha=alpha, seed=args.seed, eval_every=0, generation=False, model=args.model,
+                                dataset=args.dataset, targets=tuple(t for t in args.targets.split(",") if t) or None,
+                                warmup_turns=args.warmup_turns,
                                 editor_options=options or None)
                 res = run(cfg, None, log=lambda m: None, progress=False)["editors"][name]
                 row = {"editor": name, "lr": lr, "alpha": alpha, "options": options, **res["teacher_forced"],

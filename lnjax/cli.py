@@ -35,9 +35,11 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--lr", type=float, default=None, help=help_text("lr"))
     r.add_argument("--alpha", type=float, default=None, help=help_text("alpha"))
     r.add_argument("--targets", type=_csv, default=None, help="comma-separated HF module paths to edit")
-    r.add_argument("--model", default=None, help="HF checkpoint directory (default: the embedded world model)")
+    r.add_argument("--model", default=None, help="HF checkpoint directory, .gguf file or built-in name (smollm2: "
+                                                 "SmolLM2-135M-Instruct, fetched once); default: the embedded world model")
     r.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
-    r.add_argument("--dataset", choices=("world",) + DATASETS, default="world")
+    r.add_argument("--dataset", choices=("world", "facts") + DATASETS, default="world",
+                   help="world: the embedded world; facts: real geography facts (lnjax.facts); others read --data")
     r.add_argument("--data", default=None, help="edit records file (JSON array) for --dataset")
     r.add_argument("--train-data", default=None, help="training-split file for warm-up turns")
     r.add_argument("--out", default=None, help="run directory (default runs/<timestamp>)")

@@ -14,7 +14,11 @@ from typing import Callable, Iterator, Optional, Sequence
 
 from .batching import probe_length
 
-DATASETS = ("zsre", "fever", "wikibigedit", "ultraeditbench", "counterfact")
+DATASETS = ("zsre", "fever", "wikibigedit", "ultraeditbench", "counterfact", "easyedit")
+# The two ZsRE layouts in circulation, told apart by their fields: UltraEdit's eval/train files carry the edit
+# target as ``ans``; MEND's (``zsre_mend_eval.json``, also used by ROME, MEMIT, AlphaEdit, EasyEdit) as ``alt``
+# with the true answers in ``answers``.
+ZSRE_LAYOUTS = {"ultraedit": "ans", "mend": "alt"}
 
 
 class DataError(ValueError):
@@ -45,6 +49,7 @@ class ReadReport:
 
     rows: int = 0
     skipped: list = dataclasses.field(default_factory=list)
+    layout: Optional[str] = None  # which layout a multi-layout reader detected (``zsre``: ultraedit or mend)
 
 
 def iter_json_array(path: str, chunk_size: int = 1 << 20) -> Iterator[tuple[int, object]]:
@@ -148,9 +153,70 @@ class _Row:
         return v
 
 
-def _zsre(r: _Row, rng) -> EditRecord:
-    return EditRecord(r.text("src"), r.text("ans"), r.text("rephrase"), r.text("loc") + "?", r.text("loc_ans"),
-                      subject=r.text("subject", optional=True))
+def zsre_layout(r: "_Row") -> str:
+    """``"ultraedit"`` (target ``ans``) or ``"mend"`` (target ``alt``, with ``answers``) for a ZsRE row."""
+    for layout, field in ZSRE_LAYOUTS.items():
+        if field in r.value:
+            return layout
+    raise r.err("ans", "missing (neither UltraEdit's 'ans' nor MEND's 'alt' + 'answers' is present)")
+
+
+def _zsre(r: _Row, rng, layout: Optional[str] = None) -> EditRecord:
+    layout = layout or zsre_layout(r)
+    if layout == "mend":
+        r.text_list("answers")  # part of the layout; checked so a truncated row is not read as a good one
+    return EditRecord(r.text("src"), r.text(ZSRE_LAYOUTS[layout]), r.text("rephrase"), r.text("loc") + "?",
+                      r.text("loc_ans"), subject=r.text("subject", optional=True))
+
+
+def _first_answer(r: _Row, field: str, value) -> str:
+    """EasyEdit ground truths are a string, a list of strings, or a list of such lists; the first string."""
+    while isinstance(value, list) and value:
+        value = value[0]
+    if not isinstance(value, str) or not value.strip():
+        raise r.err(field, "expected a non-empty string or list of strings")
+    return value
+
+
+def _probe_items(r: _Row, field: str) -> list[tuple[str, str, str]]:
+    """(name, prompt, answer) of EasyEdit's nested ``locality``/``portability`` dict: ``{name: [{prompt,
+    ground_truth}, ...]}`` or ``{name: {prompt, ground_truth}}``; the first item of each name."""
+    node = r.get(field, optional=True)
+    if node is None:
+        return []
+    if not isinstance(node, dict):
+        raise r.err(field, f"expected an object of named probes, found {type(node).__name__}")
+    out = []
+    for name, items in node.items():
+        item = items[0] if isinstance(items, list) and items else items
+        where = f"{field}.{name}"
+        if not isinstance(item, dict):
+            raise r.err(where, "expected {'prompt', 'ground_truth'} or a non-empty list of them")
+        prompt = item.get("prompt")
+        prompt = prompt[0] if isinstance(prompt, list) and prompt else prompt
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise r.err(f"{where}.prompt", "expected a non-empty string")
+        if "ground_truth" not in item:
+            raise r.err(f"{where}.ground_truth", "missing")
+        out.append((name, prompt, _first_answer(r, f"{where}.ground_truth", item["ground_truth"])))
+    return out
+
+
+def _easyedit(r: _Row, rng) -> EditRecord:
+    """EasyEdit's JSON: flat ``locality_prompt``/``locality_ground_truth``, else the first entry of the nested
+    ``locality`` dict (KnowEdit); each ``portability`` entry becomes an extra probe ``portability.<name>``."""
+    rephrase = "rephrase_prompt" if "rephrase_prompt" in r.value or "rephrase" not in r.value else "rephrase"
+    if "locality_prompt" in r.value or not isinstance(r.value.get("locality"), dict):
+        loc = r.text("locality_prompt")
+        loc_ans = _first_answer(r, "locality_ground_truth", r.get("locality_ground_truth"))
+    else:
+        items = _probe_items(r, "locality")
+        if not items:
+            raise r.err("locality", "empty (no locality probe)")
+        _, loc, loc_ans = items[0]
+    extra = tuple((f"portability.{name}", p, a) for name, p, a in _probe_items(r, "portability"))
+    return EditRecord(r.text("prompt"), _first_answer(r, "target_new", r.get("target_new")), r.text(rephrase),
+                      loc, loc_ans, extra, subject=r.text("subject", optional=True))
 
 
 def _fever(r: _Row, rng) -> EditRecord:
@@ -185,7 +251,8 @@ def _counterfact(r: _Row, rng) -> EditRecord:
 
 
 _PARSERS: dict[str, Callable] = {"zsre": _zsre, "fever": _fever, "wikibigedit": _wikibigedit,
-                                 "ultraeditbench": _ultraeditbench, "counterfact": _counterfact}
+                                 "ultraeditbench": _ultraeditbench, "counterfact": _counterfact,
+                                 "easyedit": _easyedit}
 
 
 def read(dataset: str, path: str, n: Optional[int] = None, *, seed: int = 0, skip_bad_rows: bool = False,
@@ -193,7 +260,9 @@ def read(dataset: str, path: str, n: Optional[int] = None, *, seed: int = 0, ski
     """The first ``n`` records (all when None) of ``path`` in ``dataset``'s schema.
 
     With ``skip_bad_rows`` a bad row is skipped and recorded in ``report.skipped``; fewer than ``n`` good rows
-    then raise. FEVER's paraphrase is a choice from ``equiv_prompt`` seeded by ``seed``.
+    then raise. FEVER's paraphrase is a choice from ``equiv_prompt`` seeded by ``seed``. ZsRE files in either
+    layout are read (``ZSRE_LAYOUTS``): the first row decides, ``report.layout`` says which, and a row of the
+    other layout raises DataError.
     """
     if dataset not in _PARSERS:
         raise ValueError(f"unknown dataset {dataset!r}; known: {DATASETS}")
@@ -206,7 +275,17 @@ def read(dataset: str, path: str, n: Optional[int] = None, *, seed: int = 0, ski
             break
         report.rows += 1
         try:
-            rec = parse(_Row(path, row, value), rng)
+            r = _Row(path, row, value)
+            if dataset == "zsre":
+                layout = zsre_layout(r)
+                if report.layout is None:
+                    report.layout = layout
+                elif layout != report.layout:
+                    raise r.err(ZSRE_LAYOUTS[report.layout], f"missing: the file is in the {report.layout} layout "
+                                f"(from its first row) but this row is in the {layout} layout")
+                rec = _zsre(r, rng, layout)
+            else:
+                rec = parse(r, rng)
         except DataError as e:
             if not skip_bad_rows:
                 raise

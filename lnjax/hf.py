@@ -77,12 +77,26 @@ def _empty_tree(cfg: ModelConfig) -> dict:
     return jax.tree_util.tree_map(lambda _: None, param_shapes(cfg), is_leaf=lambda x: isinstance(x, tuple))
 
 
+def _gguf_file(path: str) -> Optional[str]:
+    """The GGUF file ``path`` names: a built-in model name (``lnjax.builtin_models``, fetched once) or a
+    ``.gguf`` file; None for an HF checkpoint directory."""
+    from . import builtin_models
+    if builtin_models.is_builtin(path):
+        return builtin_models.path(path)
+    return path if str(path).endswith(".gguf") else None
+
+
 def load(path: str, dtype: str = "float32") -> Model:
-    """Load an HF decoder checkpoint directory as a ``Model`` with parameters in ``dtype``.
+    """Load an HF decoder checkpoint directory as a ``Model`` with parameters in ``dtype``; a built-in name
+    (``"smollm2"``) or a ``.gguf`` file is read by ``lnjax.gguf``.
 
     Streams tensor by tensor (peak host memory about one copy of the weights), checks every shape against the
     architecture, and raises CheckpointError naming missing, unexpected or mis-shaped tensors.
     """
+    gguf_file = _gguf_file(path)
+    if gguf_file:
+        from . import gguf
+        return gguf.load(gguf_file, dtype)
     if dtype not in _DTYPES:
         raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
     from safetensors import SafetensorError, safe_open
@@ -109,23 +123,33 @@ def load(path: str, dtype: str = "float32") -> Model:
                         continue
                     unexpected.append(key)
                     continue
-                module, leaf, shape, transpose = expected[key]
                 try:
                     t = f.get_tensor(key)
                 except Exception as e:
                     raise CheckpointError(f"{file}: tensor {key!r} cannot be read ({e})") from None
-                got = tuple(t.shape[::-1]) if transpose else tuple(t.shape)
-                if got != shape:
-                    raise CheckpointError(f"{file}: tensor {key!r} has shape {tuple(t.shape)}, the config implies "
-                                          f"{shape[::-1] if transpose else shape}")
-                t = jnp.asarray(t).astype(jdtype)
-                get_module(tree, module)[leaf] = t.T if transpose else t
+                put_tensor(tree, expected[key], t, jdtype, f"{file}: tensor {key!r}")
                 seen.add(key)
+    check_complete(path, expected, seen, unexpected)
+    return Model(cfg, tree, hf_config=hf_cfg)
+
+
+def put_tensor(tree: dict, entry: tuple, t, jdtype, where: str) -> None:
+    """Check HF-layout tensor ``t`` against its ``hf_key_map`` entry, cast it and set it in ``tree``."""
+    module, leaf, shape, transpose = entry
+    got = tuple(t.shape[::-1]) if transpose else tuple(t.shape)
+    if got != shape:
+        raise CheckpointError(f"{where} has shape {tuple(t.shape)}, the config implies "
+                              f"{shape[::-1] if transpose else shape}")
+    t = jnp.asarray(t).astype(jdtype)
+    get_module(tree, module)[leaf] = t.T if transpose else t
+
+
+def check_complete(path: str, expected: dict, seen: set, unexpected: list) -> None:
+    """CheckpointError naming missing and unexpected tensors, if any."""
     missing = sorted(set(expected) - seen)
     if missing or unexpected:
         raise CheckpointError(f"{path}: missing tensors {missing[:10]}{' ...' if len(missing) > 10 else ''}; "
                               f"unexpected tensors {unexpected[:10]}")
-    return Model(cfg, tree, hf_config=hf_cfg)
 
 
 def save(model: Model, params: Any, out_dir: str, dtype: Optional[str] = None) -> str:
@@ -192,7 +216,12 @@ class Tokenizer:
 
 
 def load_tokenizer(path: str) -> Tokenizer:
-    """The tokenizer of checkpoint directory ``path`` (its ``tokenizer.json``)."""
+    """The tokenizer of checkpoint directory ``path`` (its ``tokenizer.json``), or of a built-in model name or
+    ``.gguf`` file (from the GGUF metadata)."""
+    gguf_file = _gguf_file(path)
+    if gguf_file:
+        from . import gguf
+        return gguf.load_tokenizer(gguf_file)
     from tokenizers import Tokenizer as _HFTokenizer
 
     file = os.path.join(path, "tokenizer.json")

@@ -54,6 +54,23 @@ WORLD_BASELINE_TARGETS = {"memit": ("model.layers.1.mlp.down_proj", "model.layer
                           "alphaedit": ("model.layers.1.mlp.down_proj", "model.layers.2.mlp.down_proj")}
 
 
+# lnjax run's defaults on the built-in real models (``lnjax.builtin_models``), on their default targets
+# (SmolLM2: down_proj of layers 25-28). UltraEdit at the lr where the released UltraEdit code, one turn of 100
+# city->country edits on these layers, keeps locality ~0.7; StableEdit's whitened keys have the same squared norm
+# (~d_in) as UltraEdit's standardized ones, so the same lr gives the same value-step size. Not tuned for a score.
+# No-LN at lr 3: the raw value step -lr‖k‖²g equals LN's standardized step at lr 1e-3 (measured ratio of the step
+# scales on these layers ≈ 2.8e3, experiments/smollm2_study.py).
+MODEL_HPARAMS = {
+    "smollm2": {
+        "ultraedit": {"lr": 1e-3, "alpha": 1.0},
+        "stableedit": {"lr": 1e-3, "alpha": 10.0},
+        "stableedit_algorithm1": {"lr": 1e-3, "alpha": 10.0},
+        "no_normalization": {"lr": 3.0, "alpha": 1.0},
+        "per_turn_normalization": {"lr": 1e-3, "alpha": 1.0},
+    },
+}
+
+
 def defaults(editor: str) -> dict:
     """``{"lr", "alpha"}`` an editor factory uses when not given (ValueError for an unknown editor)."""
     if editor not in EDITOR_DEFAULTS:

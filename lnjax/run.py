@@ -43,7 +43,8 @@ class RunConfig:
     lr: Optional[float] = None
     alpha: Optional[float] = None
     targets: Optional[tuple] = None
-    model: Optional[str] = None          # HF checkpoint dir or world-model dir; None = the embedded world model
+    model: Optional[str] = None          # HF checkpoint dir, world-model dir, built-in name (smollm2) or .gguf;
+                                         # None = the embedded world model
     dtype: str = "float32"
     dataset: str = "world"
     data: Optional[str] = None
@@ -71,6 +72,10 @@ def _load_model(cfg: RunConfig):
     if cfg.model is None or world_model.is_model_dir(cfg.model):
         model = world_model.load(cfg.model or world_model.ASSET_DIR)
         return model, default_world().tokenizer(), tuple(cfg.targets or world_model.DEFAULT_TARGETS)
+    from . import builtin_models
+    if builtin_models.is_builtin(cfg.model) and not cfg.targets:
+        spec = builtin_models.BUILTIN[cfg.model]
+        return hf.load(cfg.model, cfg.dtype), hf.load_tokenizer(cfg.model), spec.default_targets
     if not cfg.targets:
         raise ValueError("--targets is required with --model (e.g. from lx.presets.targets(...))")
     return hf.load(cfg.model, cfg.dtype), hf.load_tokenizer(cfg.model), tuple(cfg.targets)
@@ -83,6 +88,10 @@ def _load_records(cfg: RunConfig, n: int, n_warm: int, read_report: data_lib.Rea
         warm = data_lib.records_from_dicts("zsre", w.records("train", n_warm, seed=cfg.seed), "world:train") \
             if n_warm else []
         return edits, warm
+    if cfg.dataset == "facts":
+        from . import facts
+        return (facts.edit_records("edit", n, seed=cfg.seed),
+                facts.edit_records("train", n_warm, seed=cfg.seed) if n_warm else [])
     if cfg.data is None:
         raise ValueError(f"--data PATH is required for --dataset {cfg.dataset}")
     edits = data_lib.read(cfg.dataset, cfg.data, n, seed=cfg.seed, skip_bad_rows=cfg.skip_bad_rows, report=read_report)
@@ -98,7 +107,7 @@ def _load_records(cfg: RunConfig, n: int, n_warm: int, read_report: data_lib.Rea
 def editor_settings(name: str, cfg: RunConfig) -> dict:
     """What ``run`` uses for editor ``name`` under ``cfg``: ``lnjax.hparams.resolve`` of its flags."""
     return hparams.resolve(name, dataset=cfg.dataset, turns=cfg.turns, lr=cfg.lr, alpha=cfg.alpha,
-                           warmup_turns=cfg.warmup_turns)
+                           warmup_turns=cfg.warmup_turns, model=cfg.model)
 
 
 def _editor(name: str, cfg: RunConfig, model=None, targets=None, log: Callable[[str], None] = print):
@@ -224,6 +233,8 @@ def run(cfg: RunConfig, out_dir: Optional[str] = None, log: Callable[[str], None
         from .sharding import make_mesh
         device_mesh = make_mesh(mesh)
     job = prepare_job(cfg, model, tok)
+    if job.read_report.layout:
+        log(f"{cfg.data}: read as {cfg.dataset} in the {job.read_report.layout} layout")
     results: dict = {"editors": {}, "metadata": {}}
     results["unedited"] = eval_lib.evaluate(model.apply, model.params, job.eval_set, job.base_loc, _protocols(cfg))
     diag_lines: list[dict] = []
@@ -250,6 +261,15 @@ def run(cfg: RunConfig, out_dir: Optional[str] = None, log: Callable[[str], None
         cfg.to_json(), params=model.params, targets=targets, edit_labels=job.batches.labels,
         warmup_turns=job.warm_turns, skipped=job.read_report.skipped, timings=timings,
         total_seconds=time.time() - t_start, world_facts=default_world().n_facts if cfg.dataset == "world" else None)
+    results["metadata"].update(data_packages=_data_packages(cfg), data_layout=job.read_report.layout)
     if out_dir:
         report.write_run_dir(out_dir, cfg.to_json(), results, diag_lines)
     return results
+
+
+def _data_packages(cfg: RunConfig) -> Optional[dict]:
+    """Versions of the packages generated data came from (None for data read from files or the world)."""
+    if cfg.dataset != "facts":
+        return None
+    from . import facts
+    return facts.versions()
