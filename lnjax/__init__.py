@@ -17,8 +17,8 @@ from typing import Any
 __version__ = "0.1.0"
 
 _SUBMODULES = ("baselines", "batching", "checkpoint", "cli", "data", "editors", "engine", "eval", "features", "ft",
-               "hf", "hparams", "hypernet", "key_stats", "ln", "locate", "meta", "models", "plots", "presets", "probe",
-               "report", "run", "sequence", "sharding", "solve", "world", "world_model")
+               "hf", "hf_layout", "hparams", "hypernet", "key_stats", "ln", "locate", "meta", "models", "plots", "presets", "probe",
+               "protocol", "report", "run", "sequence", "sharding", "solve", "world", "world_model")
 _NAMES = {"Editor": "editors", "EditorState": "editors", "Features": "features", "TurnBatch": "batching",
           "EditTurn": "batching", "SequenceResult": "sequence", "edit_sequence": "sequence"}
 

@@ -19,7 +19,7 @@ import time
 import zipfile
 from typing import Callable, Optional
 
-from .hf import CheckpointError
+from .checkpoint import CheckpointError
 
 
 @dataclasses.dataclass(frozen=True)

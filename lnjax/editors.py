@@ -12,59 +12,28 @@ state by default (``pooling="shape"``); ``pooling="target"`` keeps one per targe
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Mapping, NamedTuple, Union
+from typing import Mapping, Union
 
 import jax
 import jax.numpy as jnp
-import numpy as np
-from flax import struct
 
 from . import ln
-from .features import Features, is_concrete, resolved
+from .features import Features
+from .ft import ft
 from .hparams import EDITOR_DEFAULTS as _D
+from .hypernet import REGISTRY as _META_TRAINED
+from .locate import alphaedit, memit
+from .protocol import NEEDS, Editor, EditorState, check_features, fold_group_features, group_members
 from .solve import METHODS, ridge_shift
+
+# Editor, EditorState and NEEDS live in lnjax.protocol and are re-exported here, where users look for them.
+__all__ = ["NEEDS", "REGISTRY", "Editor", "EditorState", "LNConfig", "alphaedit", "ft", "get", "key_metric",
+           "ln_editor", "memit", "no_normalization", "per_turn_normalization", "stableedit", "stableedit_algorithm1",
+           "ultraedit"]
 
 NORMALIZATIONS = ("lifelong", "per_turn", "none")
 KEY_METRICS = ("identity", "second_moment")
 POOLINGS = ("shape", "target")
-
-
-@struct.dataclass
-class EditorState:
-    """Editor state (an immutable pytree).
-
-    ``stats``: group name -> ``ln.LNStats`` (empty without normalization); ``turns``: updates applied (int32);
-    ``rejected``: turns whose shift was non-finite and therefore not applied (int32). ``targets`` (static) holds
-    ``(name, d_in, d_out, group)`` per target in a fixed order.
-    """
-
-    stats: dict
-    turns: jax.Array
-    rejected: jax.Array
-    targets: tuple = struct.field(pytree_node=False)
-
-    def target_names(self) -> tuple[str, ...]:
-        return tuple(t[0] for t in self.targets)
-
-
-NEEDS = ("features", "params", "turn")
-
-
-class Editor(NamedTuple):
-    """An editor (the protocol of docs/method.md §7): ``init(shapes) -> state`` with ``shapes`` {target:
-    (d_in, d_out)}, and ``update(features, state, *, warmup=False, params=None, turn=None) -> (deltas, state)``
-    with ``deltas`` {target: (d_in, d_out) float32}.
-
-    ``needs`` (a subset of ``NEEDS``) says what the engine computes for ``update``: ``"features"`` the turn's
-    ``{target: Features}`` from ``lnjax.probe.turn_features`` on the pre-turn model (else ``features`` is None
-    and the probe is skipped), ``"params"`` the full pre-turn parameters, ``"turn"`` the turn's arrays as an
-    ``lnjax.batching.EditTurn``. The state keeps int32 counters ``turns`` and ``rejected``.
-    """
-
-    init: Callable[[Mapping[str, tuple[int, int]]], EditorState]
-    update: Callable[..., tuple[dict, EditorState]]
-    config: Any = None
-    needs: frozenset = frozenset({"features"})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -119,36 +88,6 @@ def _group_of(name: str, d_in: int, d_out: int, pooling: str) -> str:
     return f"{d_in}x{d_out}" if pooling == "shape" else name
 
 
-def _check_features(features: Mapping[str, Features], state: EditorState) -> dict:
-    """Validate names, shapes and (when concrete) finiteness; returns name -> (mask, segment, num_segments)."""
-    known = state.target_names()
-    unknown = [n for n in features if n not in known]
-    if unknown:
-        raise ValueError(f"features for unknown target(s) {unknown}; the editor state knows {list(known)}")
-    missing = [n for n in known if n not in features]
-    if missing:
-        raise ValueError(f"no features for target(s) {missing}")
-    out = {}
-    for name, d_in, d_out, _ in state.targets:
-        f = features[name]
-        mask, segment, num = resolved(name, f)
-        if f.keys.shape[1] != d_in:
-            raise ValueError(f"target {name!r}: keys have width {f.keys.shape[1]}, the state expects d_in={d_in}")
-        if f.value_grads.shape[1] != d_out:
-            raise ValueError(f"target {name!r}: value_grads have width {f.value_grads.shape[1]}, "
-                             f"the state expects d_out={d_out}")
-        for field in ("keys", "value_grads"):
-            arr = getattr(f, field)
-            if is_concrete(arr) and is_concrete(mask):
-                bad = ~np.isfinite(np.asarray(arr, np.float32)) & np.asarray(mask)[:, None]
-                if bad.any():
-                    row = int(np.argwhere(bad)[0][0])
-                    raise ValueError(f"target {name!r}: {field} has {int(bad.sum())} non-finite entries "
-                                     f"(first at row {row}); state left untouched")
-        out[name] = (mask, segment, num)
-    return out
-
-
 def _as_bool(flag: Union[bool, jax.Array]) -> jax.Array:
     return jnp.asarray(flag, dtype=bool)
 
@@ -166,30 +105,6 @@ def _init_state(cfg: LNConfig, shapes: Mapping[str, tuple[int, int]]) -> EditorS
             stats.setdefault(group, ln.init(d_in, d_out, cfg.whiten, cfg.tracks_keys))
     return EditorState(stats=stats, turns=jnp.zeros((), jnp.int32), rejected=jnp.zeros((), jnp.int32),
                        targets=tuple(targets))
-
-
-def group_members(targets: tuple) -> dict[str, list[str]]:
-    """Group name -> its target names in target order, from ``(name, d_in, d_out, group)`` tuples."""
-    members: dict[str, list] = {}
-    for name, _, _, group in targets:
-        members.setdefault(group, []).append(name)
-    return members
-
-
-def fold_group_features(stats: ln.LNStats, features: Mapping[str, Features], rows: dict, names: list,
-                        variance: str) -> ln.LNStats:
-    """``stats`` with one turn's rows of the targets ``names`` (one shape group) folded in.
-
-    Rows are merged one (mini-batch, target) block at a time in the reference's order (mini-batch outer, target
-    inner, docs/method.md §3); ``rows`` is ``_check_features``' name -> (mask, segment, num_segments).
-    """
-    n_members = len(names)
-    num = max(rows[n][2] for n in names)
-    z = jnp.concatenate([jnp.concatenate([features[n].keys, features[n].value_grads], axis=1)
-                         .astype(jnp.float32) for n in names], axis=0)
-    mask = jnp.concatenate([rows[n][0] for n in names])
-    seg = jnp.concatenate([rows[n][1] * n_members + j for j, n in enumerate(names)])
-    return ln.update(stats, z, mask, seg, num * n_members, variance)
 
 
 def _merged_stats(cfg: LNConfig, state: EditorState, features: Mapping[str, Features], rows: dict) -> dict:
@@ -283,7 +198,7 @@ def ln_editor(config: LNConfig) -> Editor:
     def update(features: Mapping[str, Features], state: EditorState, warmup: Union[bool, jax.Array] = False, *,
                params=None, turn=None) -> tuple[dict, EditorState]:
         del params, turn  # the LN family needs features only (``needs`` is the default)
-        rows = _check_features(features, state)
+        rows = check_features(features, state)
         new_stats = _merged_stats(cfg, state, features, rows)
         white = _whitening(cfg, new_stats, _as_bool(warmup))
         deltas = _shifts(cfg, state, features, rows, new_stats, white)
@@ -350,24 +265,6 @@ def per_turn_normalization(lr: float = _D["per_turn_normalization"]["lr"],
                               solve_method=solve_method))
 
 
-def ft(apply: Callable, **kwargs) -> Editor:
-    """Fine-tuning of the edited kernels (``lnjax.ft.ft``; imported here lazily, it builds on this module)."""
-    from .ft import ft as factory
-    return factory(apply, **kwargs)
-
-
-def memit(apply: Callable, stats: Mapping, **kwargs) -> Editor:
-    """MEMIT (``lnjax.locate.memit``; imported lazily)."""
-    from .locate import memit as factory
-    return factory(apply, stats, **kwargs)
-
-
-def alphaedit(apply: Callable, stats: Mapping, **kwargs) -> Editor:
-    """AlphaEdit (``lnjax.locate.alphaedit``; imported lazily)."""
-    from .locate import alphaedit as factory
-    return factory(apply, stats, **kwargs)
-
-
 REGISTRY = {
     "ultraedit": ultraedit,
     "stableedit": stableedit,
@@ -377,18 +274,12 @@ REGISTRY = {
     "ft": ft,
     "memit": memit,
     "alphaedit": alphaedit,
+    **_META_TRAINED,   # rledit, malmen, mend and their *_no_normalization ablations (lnjax.hypernet)
 }
 
 
-# The meta-trained hypernetwork editors (rledit, malmen, mend and their *_no_normalization ablations); imported
-# here, after Editor and the helpers it uses are defined.
-from . import hypernet as _hypernet  # noqa: E402
-
-REGISTRY.update(_hypernet.REGISTRY)
-
-
 def get(name: str, **kwargs) -> Editor:
-    """Editor by registry name (``ultraedit``, ``stableedit``, ...), with keyword overrides."""
+    """Editor by registry name (``ultraedit``, ``stableedit``, ``rledit``, ...), with keyword overrides."""
     if name not in REGISTRY:
         raise ValueError(f"unknown editor {name!r}; known: {sorted(REGISTRY)}")
     return REGISTRY[name](**kwargs)

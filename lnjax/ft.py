@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import optax
 from flax import struct
 
-from .editors import Editor
+from .protocol import Editor
 from .models import get_module, with_module_leaf
 from .batching import IGNORE, TurnBatch
 from .probe import token_log_likelihood

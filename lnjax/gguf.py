@@ -27,7 +27,9 @@ from typing import Optional
 
 import numpy as np
 
-from .hf import _DTYPES, CheckpointError, Tokenizer, _empty_tree, check_complete, config_to_hf, hf_key_map, put_tensor
+from .checkpoint import CheckpointError
+from .hf_layout import DTYPES as _DTYPES
+from .hf_layout import Tokenizer, check_complete, config_to_hf, empty_tree, hf_key_map, put_tensor
 from .models import Model, ModelConfig
 
 _GPT2_SPLIT = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
@@ -142,7 +144,7 @@ def load(path: str, dtype: str = "float32") -> Model:
     reader = _reader(path)
     cfg = config_from_gguf(reader, path)
     expected = hf_key_map(cfg)
-    tree = _empty_tree(cfg)
+    tree = empty_tree(cfg)
     seen, unexpected = set(), []
     for tensor in reader.tensors:
         try:

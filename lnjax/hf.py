@@ -16,41 +16,22 @@ import os
 import re
 from typing import Any, Optional
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
+from . import builtin_models, gguf
 from .checkpoint import CheckpointError
-from .models import ARCHITECTURES, Model, ModelConfig, architecture, get_module, leaf_paths, param_shapes
+from .hf_layout import DTYPES as _DTYPES
+from .hf_layout import (Tokenizer, check_complete, config_from_hf, config_to_hf, empty_tree, hf_key_map,
+                        put_tensor)
+from .models import Model, get_module
+
+__all__ = ["CheckpointError", "Tokenizer", "check_complete", "config_from_hf", "config_to_hf", "hf_key_map", "load",
+           "load_tokenizer", "put_tensor", "save"]
 
 # Buffers some checkpoints carry that are not parameters (recomputed by the model).
 _BUFFER_KEYS = re.compile(r"(\.attn\.bias|\.attn\.masked_bias|\.rotary_emb\.inv_freq)$")
-_LEAF_TO_HF = {"kernel": "weight", "scale": "weight", "embedding": "weight", "bias": "bias"}
-_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 _SHARD_BYTES = 4 * 1024 ** 3
-
-
-def config_from_hf(hf: dict, where: str = "config.json") -> ModelConfig:
-    """ModelConfig from an HF ``config.json`` dict (each architecture's mapping sits next to its model);
-    CheckpointError naming any unsupported option."""
-    mt = hf.get("model_type")
-    if mt not in ARCHITECTURES:
-        raise CheckpointError(f"{where}: unknown model_type {mt!r}; supported: {', '.join(ARCHITECTURES)}")
-    return architecture(mt).config_from_hf(hf, where)
-
-
-def config_to_hf(cfg: ModelConfig, dtype: str = "float32") -> dict:
-    """An HF ``config.json`` dict for ``cfg`` (used when a model was not loaded from HF)."""
-    return architecture(cfg.arch).config_to_hf(cfg, dtype)
-
-
-def hf_key_map(cfg: ModelConfig) -> dict[str, tuple[str, str, tuple, bool]]:
-    """HF tensor name -> (module path, leaf, lnjax shape, transpose?) for every parameter of ``cfg``."""
-    out = {}
-    for module, leaf, shape in leaf_paths(param_shapes(cfg), is_leaf=lambda x: isinstance(x, tuple)):
-        transpose = leaf == "kernel" and cfg.arch != "gpt2"
-        out[f"{module}.{_LEAF_TO_HF[leaf]}"] = (module, leaf, tuple(shape), transpose)
-    return out
 
 
 def _weight_files(path: str) -> list[str]:
@@ -72,15 +53,9 @@ def _weight_files(path: str) -> list[str]:
     raise CheckpointError(f"{path}: no model.safetensors or model.safetensors.index.json")
 
 
-def _empty_tree(cfg: ModelConfig) -> dict:
-    """A mutable copy of the parameter structure with None leaves, filled tensor by tensor while loading."""
-    return jax.tree_util.tree_map(lambda _: None, param_shapes(cfg), is_leaf=lambda x: isinstance(x, tuple))
-
-
 def _gguf_file(path: str) -> Optional[str]:
     """The GGUF file ``path`` names: a built-in model name (``lnjax.builtin_models``, fetched once) or a
     ``.gguf`` file; None for an HF checkpoint directory."""
-    from . import builtin_models
     if builtin_models.is_builtin(path):
         return builtin_models.path(path)
     return path if str(path).endswith(".gguf") else None
@@ -95,7 +70,6 @@ def load(path: str, dtype: str = "float32") -> Model:
     """
     gguf_file = _gguf_file(path)
     if gguf_file:
-        from . import gguf
         return gguf.load(gguf_file, dtype)
     if dtype not in _DTYPES:
         raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
@@ -108,7 +82,7 @@ def load(path: str, dtype: str = "float32") -> Model:
         hf_cfg = json.load(f)
     cfg = config_from_hf(hf_cfg, cfg_path)
     expected = hf_key_map(cfg)
-    tree = _empty_tree(cfg)
+    tree = empty_tree(cfg)
     seen, unexpected = set(), []
     jdtype = _DTYPES[dtype]
     for file in _weight_files(path):
@@ -131,25 +105,6 @@ def load(path: str, dtype: str = "float32") -> Model:
                 seen.add(key)
     check_complete(path, expected, seen, unexpected)
     return Model(cfg, tree, hf_config=hf_cfg)
-
-
-def put_tensor(tree: dict, entry: tuple, t, jdtype, where: str) -> None:
-    """Check HF-layout tensor ``t`` against its ``hf_key_map`` entry, cast it and set it in ``tree``."""
-    module, leaf, shape, transpose = entry
-    got = tuple(t.shape[::-1]) if transpose else tuple(t.shape)
-    if got != shape:
-        raise CheckpointError(f"{where} has shape {tuple(t.shape)}, the config implies "
-                              f"{shape[::-1] if transpose else shape}")
-    t = jnp.asarray(t).astype(jdtype)
-    get_module(tree, module)[leaf] = t.T if transpose else t
-
-
-def check_complete(path: str, expected: dict, seen: set, unexpected: list) -> None:
-    """CheckpointError naming missing and unexpected tensors, if any."""
-    missing = sorted(set(expected) - seen)
-    if missing or unexpected:
-        raise CheckpointError(f"{path}: missing tensors {missing[:10]}{' ...' if len(missing) > 10 else ''}; "
-                              f"unexpected tensors {unexpected[:10]}")
 
 
 def save(model: Model, params: Any, out_dir: str, dtype: Optional[str] = None) -> str:
@@ -197,30 +152,11 @@ def save(model: Model, params: Any, out_dir: str, dtype: Optional[str] = None) -
     return out_dir
 
 
-class Tokenizer:
-    """A ``tokenizers.Tokenizer`` with the two calls lnjax needs: ``encode(text, add_special_tokens)`` → ids and
-    ``decode(ids)`` → text."""
-
-    def __init__(self, tok, source: str):
-        self._tok, self.source = tok, source
-
-    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        return list(self._tok.encode(text, add_special_tokens=add_special_tokens).ids)
-
-    def decode(self, ids) -> str:
-        return self._tok.decode([int(i) for i in ids])
-
-    @property
-    def vocab_size(self) -> int:
-        return self._tok.get_vocab_size()
-
-
 def load_tokenizer(path: str) -> Tokenizer:
     """The tokenizer of checkpoint directory ``path`` (its ``tokenizer.json``), or of a built-in model name or
     ``.gguf`` file (from the GGUF metadata)."""
     gguf_file = _gguf_file(path)
     if gguf_file:
-        from . import gguf
         return gguf.load_tokenizer(gguf_file)
     from tokenizers import Tokenizer as _HFTokenizer
 

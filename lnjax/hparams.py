@@ -43,6 +43,9 @@ WORLD_HPARAMS = {
 # λ = 15000 (over 2,000 edits it keeps locality 0.85 where λ = 100 destroys the model), AlphaEdit's absolute
 # null-space threshold, FT-M with ε = 5e-5. Measured in experiments/locate_baselines.py (REPORT.md §7).
 MODEL_BASELINES = ("ft", "memit", "alphaedit")
+# The meta-trained hypernetwork editors (lnjax.hypernet): their edit lr and ridge are learned, not set here.
+META_TRAINED = ("rledit", "malmen", "mend", "rledit_no_normalization", "malmen_no_normalization",
+                "mend_no_normalization")
 WORLD_BASELINES = {
     "ft": {},
     "memit": {"fact_token": "prompt_last", "v_lr": 20.0},
@@ -90,14 +93,16 @@ def uses_warmup(editor: str) -> bool:
 
 
 def resolve(editor: str, *, dataset: str, turns: int, lr: Optional[float] = None, alpha: Optional[float] = None,
-            warmup_turns: Optional[int] = None) -> dict:
+            warmup_turns: Optional[int] = None, model: Optional[str] = None) -> dict:
     """What a run of ``editor`` uses: ``lr`` and ``alpha`` (the given value, else the world's tuned value on the
-    ``"world"`` dataset, else the editor's default) and ``warmup_turns`` (the given value, else ``turns // 10``
-    (at least 1) for StableEdit editors and 0 for the others). For the model-running baselines ``lr`` and
-    ``alpha`` stay as given (None: the editor's own settings; only FT takes an ``lr``)."""
-    if editor in MODEL_BASELINES:
+    ``"world"`` dataset, else the built-in ``model``'s (``MODEL_HPARAMS``), else the editor's default) and
+    ``warmup_turns`` (the given value, else ``turns // 10`` (at least 1) for StableEdit editors and 0 for the
+    others). For the model-running baselines and the meta-trained editors ``lr`` and ``alpha`` stay as given
+    (None: the editor's own settings; only FT takes an ``lr``; the hypernetworks learn theirs)."""
+    if editor in MODEL_BASELINES or editor in META_TRAINED:
         return {"lr": lr, "alpha": alpha, "warmup_turns": warmup_turns or 0}
-    base = {**defaults(editor), **(WORLD_HPARAMS.get(editor, {}) if dataset == "world" else {})}
+    tuned = WORLD_HPARAMS if dataset == "world" else MODEL_HPARAMS.get(model or "", {})
+    base = {**defaults(editor), **tuned.get(editor, {})}
     warm = warmup_turns if warmup_turns is not None else (max(1, turns // 10) if uses_warmup(editor) else 0)
     return {"lr": base["lr"] if lr is None else lr, "alpha": base["alpha"] if alpha is None else alpha,
             "warmup_turns": warm}

@@ -42,7 +42,7 @@ import jax.numpy as jnp
 from flax import struct
 
 from . import ln
-from .editors import Editor, EditorState, _check_features, fold_group_features, group_members
+from .protocol import Editor, EditorState, check_features, fold_group_features, group_members
 from .features import Features
 from .probe import TurnBatch, turn_features
 from .solve import METHODS, ridge_shift
@@ -281,7 +281,7 @@ def hypernet_editor(trained: Trained, *, reset_at_eval: bool = False, apply: Opt
             edit = turn.edit if hasattr(turn, "edit") else turn
             features, _, _ = turn_features(apply, params, state.target_names(), edit,
                                            minibatch_size=minibatch_size, positions="all")
-        rows = _check_features(features, state)
+        rows = check_features(features, state)
         stats = fold_turn(cfg, state.stats, features, rows, state.targets, "eval")
         deltas = shifts(cfg, state.theta, stats, features, state.targets)
         finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(d)) for d in deltas.values()]))

@@ -43,7 +43,7 @@ import numpy as np
 import optax
 from flax import struct
 
-from .editors import Editor
+from .protocol import Editor
 from .features import is_concrete
 from .key_stats import KeyStats, check_tapped, tap_inputs
 from .models import get_module, split_path, with_module_leaf

@@ -47,7 +47,7 @@ from . import data as data_lib
 from . import hypernet as hn
 from .batching import pack_turns
 from .checkpoint import RunCheckpointer, load, save
-from .editors import Editor, EditorState, _check_features
+from .protocol import Editor, EditorState, check_features
 from .probe import TurnBatch, minibatch_weights, token_log_likelihood, turn_features
 from .sequence import frozen_and_kernels, join
 from .world import default_world
@@ -172,7 +172,7 @@ def minibatch_kl(ref_logits: jax.Array, logits: jax.Array, labels: jax.Array, mi
 
 def _rows(features, targets: tuple) -> dict:
     zero = jnp.zeros((), jnp.int32)
-    return _check_features(features, EditorState(stats={}, turns=zero, rejected=zero, targets=targets))
+    return check_features(features, EditorState(stats={}, turns=zero, rejected=zero, targets=targets))
 
 
 def feature_rows(turns: TrainTurns, token: str) -> int:

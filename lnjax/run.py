@@ -111,7 +111,7 @@ def editor_settings(name: str, cfg: RunConfig) -> dict:
 
 
 def _editor(name: str, cfg: RunConfig, model=None, targets=None, log: Callable[[str], None] = print):
-    if name in editors_lib._hypernet.REGISTRY:   # meta-trained first (or taken from the cache)
+    if name in hparams.META_TRAINED:   # meta-trained first (or taken from the cache)
         from .meta import trained_editor
         return trained_editor(name, model, targets, edits_per_turn=cfg.edits_per_turn, seed=cfg.seed,
                               minibatch_size=cfg.minibatch_size, options=cfg.editor_options, log=log)
