@@ -3,7 +3,7 @@
     python experiments/key_geometry.py [--out experiments/results/key_geometry] [--model DIR]
 
 For every down_proj of the world model, on edit prompts (seed-1 records, as the tuning sweep uses) and their
-locality prompts, at the supervised positions (REFERENCE.md §2):
+locality prompts, at the supervised positions (docs/method.md §1):
 
 - mean squared key norm, participation ratio ``(Σλ)²/Σλ²`` of the key covariance and the number of principal
   directions holding 90% of its variance (the keys' effective dimension);
@@ -26,8 +26,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import numpy as np  # noqa: E402
 
 from lnjax import data, world_model  # noqa: E402
-from lnjax.batching import pack  # noqa: E402
-from lnjax.probe import IGNORE, turn_features  # noqa: E402
+from lnjax.batching import IGNORE, pack  # noqa: E402
+from lnjax.probe import turn_features  # noqa: E402
 from lnjax.world import default_world  # noqa: E402
 
 

@@ -10,11 +10,84 @@ import argparse
 import json
 import os
 import sys
+import time
+from typing import Callable, Optional
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import optax  # noqa: E402
+
 from lnjax import world_model as wm  # noqa: E402
+from lnjax.batching import pack, probe_length  # noqa: E402
+from lnjax.models import Model, ModelConfig, init_params  # noqa: E402
+from lnjax.probe import token_log_likelihood  # noqa: E402
 from lnjax.world import World, WorldSpec  # noqa: E402
+
+
+def train(world: World, cfg: ModelConfig, *, epochs: int = 60, batch_size: int = 512, lr: float = 3e-3,
+          seed: int = 0, log: Optional[Callable[[str], None]] = print, init: Optional[dict] = None,
+          warmup_steps: int = 500, label_smoothing: float = 0.0) -> tuple[dict, dict]:
+    """Pretrain ``cfg`` on every fact of ``world`` (each epoch: every fact once, in a random wording).
+
+    Loss: token cross-entropy on the answer positions only (with ``label_smoothing`` ε: the target gets 1-ε, the
+    rest spread over the vocabulary, which bounds how over-confident the model becomes). AdamW with warm-up and
+    cosine decay; ``init`` continues from given parameters. Returns ``(params, report)`` where ``report`` has
+    the final teacher-forced accuracy per wording.
+    """
+    per_template = wm.fact_examples(world)
+    length = max(probe_length(p, a) for ex in per_template for p, a in ex)
+    packed = [pack(ex, length) for ex in per_template]
+    n_facts = len(per_template[0])
+    steps_per_epoch = -(-n_facts // batch_size)
+    total = epochs * steps_per_epoch
+    sched = optax.warmup_cosine_decay_schedule(0.0, lr, min(warmup_steps, total // 10), total, lr * 0.05)
+    opt = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(sched, b2=0.98, weight_decay=0.01))
+    params = init if init is not None else init_params(cfg, jax.random.PRNGKey(seed), std=0.02)
+    opt_state = opt.init(params)
+    apply = Model(cfg, params).apply
+
+    def loss_fn(p, ids, mask, labels):
+        logits = apply(p, ids, mask)
+        ce, sup = token_log_likelihood(logits, labels)
+        if label_smoothing:
+            uniform = -jnp.mean(jax.nn.log_softmax(logits, axis=-1), axis=-1)
+            ce = jnp.where(sup, (1 - label_smoothing) * ce + label_smoothing * uniform, 0.0)
+        return jnp.sum(ce) / jnp.maximum(jnp.sum(sup), 1)
+
+    @jax.jit
+    def step(p, s, ids, mask, labels):
+        loss, g = jax.value_and_grad(loss_fn)(p, ids, mask, labels)
+        upd, s = opt.update(g, s, p)
+        return optax.apply_updates(p, upd), s, loss
+
+    rng = np.random.default_rng(seed)
+    arrays = [np.stack([np.asarray(getattr(pk, f)) for pk in packed])
+              for f in ("input_ids", "attention_mask", "labels")]
+    t0 = time.time()
+    for epoch in range(epochs):
+        order = rng.permutation(n_facts)
+        wording = rng.integers(0, len(packed), n_facts)
+        losses = []
+        for b in range(steps_per_epoch):
+            idx = order[b * batch_size:(b + 1) * batch_size]
+            if len(idx) < batch_size:  # fixed shapes: top up the last batch from the start of the order
+                idx = np.concatenate([idx, order[:batch_size - len(idx)]])
+            w = wording[idx]
+            ids, mask, labels = (a[w, idx] for a in arrays)
+            params, opt_state, loss = step(params, opt_state, ids, mask, labels)
+            losses.append(loss)
+        if log:
+            log(f"epoch {epoch + 1}/{epochs}  loss {float(np.mean(jax.device_get(losses))):.4f}  "
+                f"{time.time() - t0:.0f}s")
+    report = {"epochs": epochs, "batch_size": batch_size, "lr": lr, "seed": seed, "label_smoothing": label_smoothing,
+              "train_seconds": time.time() - t0,
+              "n_facts": n_facts, "accuracy_by_wording": [wm.fact_accuracy(cfg, params, pk) for pk in packed]}
+    return params, report
+
+
 
 
 def main(argv=None):
@@ -32,7 +105,7 @@ def main(argv=None):
     world = World(WorldSpec(seed=args.world_seed))
     cfg = wm.default_config(world)
     init = wm.load(args.init_from).params if args.init_from else None
-    params, report = wm.train(world, cfg, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+    params, report = train(world, cfg, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                               seed=args.seed, log=lambda m: print(m, flush=True), init=init,
                               label_smoothing=args.label_smoothing, warmup_steps=args.warmup_steps)
     if args.init_from:

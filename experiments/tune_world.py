@@ -6,7 +6,7 @@
 Edits are drawn with a seed other than the default run's (``--seed 1``). Prints one JSON line per
 (editor, lr, alpha) with the teacher-forced metrics and locality vs the unedited model, writes them all to
 ``--out`` (JSON) and plots efficacy and generalization against locality per editor next to it (PNG). The
-defaults in ``lnjax.run.WORLD_HPARAMS`` were chosen from such a sweep.
+defaults in ``lnjax.hparams.WORLD_HPARAMS`` were chosen from such a sweep.
 """
 
 import argparse
