@@ -357,11 +357,9 @@ REGISTRY = {
 }
 
 
-# The meta-trained hypernetwork editors (rledit, malmen, mend and their *_no_normalization ablations); imported
-# here, after Editor and the helpers it uses are defined.
-from . import hypernet as _hypernet  # noqa: E402
-
-REGISTRY.update(_hypernet.REGISTRY)
+# The meta-trained hypernetwork editors (rledit, malmen, mend and their *_no_normalization ablations) add
+# themselves to REGISTRY when lnjax.hypernet loads; imported here, after everything it uses is defined.
+from . import hypernet as _hypernet  # noqa: E402,F401
 
 
 def get(name: str, **kwargs) -> Editor:

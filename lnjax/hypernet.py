@@ -42,6 +42,7 @@ import jax.numpy as jnp
 from flax import struct
 
 from . import ln
+from . import editors as _editors
 from .editors import Editor, EditorState, _check_features, fold_group_features, group_members
 from .features import Features
 from .probe import TurnBatch, turn_features
@@ -337,3 +338,4 @@ def _factory(name: str) -> Callable[..., Editor]:
 
 
 REGISTRY = {n: _factory(n) for f in FAMILIES for n in (f, f + ABLATION_SUFFIX)}
+_editors.REGISTRY.update(REGISTRY)
