@@ -61,16 +61,20 @@ def main(argv=None):
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--out", default="runs/tune_world.json")
     ap.add_argument("--model", default=None, help="world-model directory (default: the shipped one)")
+    ap.add_argument("--options", default="{}",
+                    help='extra editor options as JSON, e.g. \'{"key_metric": "second_moment"}\'')
     args = ap.parse_args(argv)
+    options = json.loads(args.options)
     rows = []
     alphas = [float(a) for a in args.alphas.split(",") if a] or [None]
     for name, lrs in parse_grid(args.grid, args.editors, args.lrs):
         for lr in lrs:
             for alpha in alphas:
                 cfg = RunConfig(editors=(name,), turns=args.turns, edits_per_turn=args.edits_per_turn, lr=lr,
-                                alpha=alpha, seed=args.seed, eval_every=0, generation=False, model=args.model)
+                                alpha=alpha, seed=args.seed, eval_every=0, generation=False, model=args.model,
+                                editor_options=options or None)
                 res = run(cfg, None, log=lambda m: None, progress=False)["editors"][name]
-                row = {"editor": name, "lr": lr, "alpha": alpha, **res["teacher_forced"],
+                row = {"editor": name, "lr": lr, "alpha": alpha, "options": options, **res["teacher_forced"],
                        "locality_vs_unedited": res["locality_vs_unedited"]}
                 rows.append(row)
                 print(json.dumps(row), flush=True)
