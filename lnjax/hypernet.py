@@ -1,5 +1,5 @@
 """Hypernetwork editors (lifelong MALMEN, RLEdit, MEND): the shared ``RLEditNet``, its LN statistics, the
-per-turn shift and the meta-gradient, as pure functions over pytrees (BASELINES.md §1-5).
+per-turn shift and the meta-gradient, as pure functions over pytrees.
 
 - The net (one per shape group, i.e. all targets sharing ``(d_in, d_out)``; ``m`` is a target's index in its
   group, in target order) maps one row ``z = [k, g]`` of width ``size = d_in + d_out`` to pseudo-features
@@ -19,7 +19,7 @@ per-turn shift and the meta-gradient, as pure functions over pytrees (BASELINES.
   features are constants), which equals the reference's decoupled closed forms ``∂L/∂D = K S⁻¹ G_W`` and
   ``∂L/∂lamda = -e^{lamda} ⟨S⁻¹ G_W, ΔW⟩`` with ``S = KᵀK + e^{lamda} I``.
 
-``normalization`` (the Fig. 1a ablation has no switch in the released code; BASELINES §5 gives three readings):
+``normalization`` (the Fig. 1a ablation has no switch in the released code; there are three readings):
 ``"lifelong"`` (default, the released behaviour), ``"none"`` (identity normalizer in training and evaluation;
 statistics still accumulate, for diagnostics only), ``"per_turn"`` (statistics of the current turn only),
 ``"frozen_after_train"`` (statistics accumulate in meta-training, frozen in evaluation, as original MEND). The
@@ -295,7 +295,7 @@ def hypernet_editor(trained: Trained, *, reset_at_eval: bool = False, apply: Opt
     return Editor(init=init, update=update, config=cfg, needs=needs)
 
 
-# The published configurations (BASELINES §2.4, §3.5, §4); normalization "none" is the Fig. 1a ablation.
+# The published configurations of the released code; normalization "none" is the Fig. 1a ablation.
 FAMILIES = {
     "malmen": NetConfig(kind="ridge", rank=1024, n_blocks=4, lr=1e-6, token="ans"),
     "rledit": NetConfig(kind="ridge", rank=1024, n_blocks=4, lr=1e-6, token="ans"),

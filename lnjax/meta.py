@@ -1,14 +1,14 @@
 """Meta-training of the hypernetwork editors (``lnjax.hypernet``): MALMEN/MEND's per-turn loop and RLEdit's
 trajectory, as jitted optax steps over turns of a training split, checkpointed with Orbax and resumable.
 
-MALMEN and MEND (``BaseEditor.train`` of the released code, BASELINES §2.3, §4): every training turn starts from
+MALMEN and MEND (``BaseEditor.train`` of the released code): every training turn starts from
 the base weights ``W``. One turn: features of the edit prompts on ``W`` (statistics updated first); ``ΔW`` from
 the net; the loss on ``W + ΔW`` is the generalization CE on the paraphrases (mean over answer tokens per
 mini-batch, summed over mini-batches) plus ``loc_coef`` times ``KL(p_W ‖ p_{W+ΔW})`` at the locality prompts'
 answer positions (mean per mini-batch, summed); ``G_W = ∂L/∂W`` at ``W + ΔW``; the hypernet gradient is the vjp
 of θ ↦ ΔW with cotangent ``G_W``; clip by global norm (``max_grad_norm``) and **one Adam step per turn**.
 
-RLEdit (``RLEDIT.train``, BASELINES §3.3): one trajectory per epoch over the turns, the model carried along
+RLEdit (``RLEDIT.train`` of the released code): one trajectory per epoch over the turns, the model carried along
 (``W_{t+1} = W_t + ΔW_t``). Turn ``t``'s loss on ``W_t + ΔW_t`` sums, over the last ``J = min(t+1, back_depth)``
 turns ``t-j`` (the current one first), ``γ^j`` times (paraphrase CE of turn ``t-j`` + ``loc_coef`` KL from
 ``W_t`` on the locality prompts of turn ``t-j``); earlier shifts are constants (no backpropagation through
@@ -17,7 +17,7 @@ Adam step at the end of the trajectory**. With the published ``n_epochs = 1`` th
 
 Faithful defaults (``default_configs``): meta_lr 1e-5 (Adam, betas 0.9/0.999, eps 1e-8), max_grad_norm 1,
 loc_coef 0.6 (MALMEN, RLEdit) or 1 (MEND), n_epochs 1, time_decay 0.95, back_depth 10, mini-batches of 10.
-Known quirks of the released code kept by default, with the fix as an option (BASELINES §11):
+Known quirks of the released code kept by default, with the fix as an option:
 - ``reg_mode="reference"``: RLEdit/MEND's ``reg_coef`` L2 term is computed from a ΔW without a gradient path,
   so it changes nothing (inert); ``reg_mode="live"`` adds ``2·reg_coef·ΔW`` to ``G_W``.
 - The statistics carry over from meta-training into evaluation (``hypernet.hypernet_editor(reset_at_eval=...)``).
@@ -49,7 +49,7 @@ from .batching import pack_turns
 from .checkpoint import RunCheckpointer, load, save
 from .protocol import Editor, EditorState, check_features
 from .probe import TurnBatch, minibatch_weights, token_log_likelihood, turn_features
-from .sequence import frozen_and_kernels, join
+from .engine import frozen_and_kernels, join
 from .world import default_world
 
 ALGORITHMS = ("malmen", "rledit", "mend")
@@ -107,7 +107,7 @@ def default_configs(name: str, **overrides) -> tuple[hn.NetConfig, MetaConfig]:
 @struct.dataclass
 class TrainTurns:
     """Meta-training turns: ``edit``, ``paraphrase`` and ``locality`` TurnBatches [T, E, L_*], each list
-    ordered longest first within its turn independently, as the reference's collate does (BASELINES §1.1)."""
+    ordered longest first within its turn independently, as the reference's collate does."""
 
     edit: TurnBatch
     paraphrase: TurnBatch

@@ -79,7 +79,7 @@ def turn_features(apply: Callable, params, targets: Sequence[str], batch: TurnBa
     whole turn gives exactly each mini-batch's own value gradients, because mini-batches share no position.
 
     ``positions="all"`` takes a row at every attended position instead of the supervised ones (the loss is the
-    same answer-position CE): MEND's ``token: all`` (BASELINES §1.1).
+    same answer-position CE): MEND's ``token: all``.
 
     Returns ``(features: name -> Features, loss: mean over mini-batches, n_rows: real rows)``. When
     ``n_rows > max_rows`` the extra rows are dropped: callers must size ``max_rows`` (``edit_sequence`` does

@@ -97,7 +97,7 @@ def fold_group_features(stats: ln.LNStats, features: Mapping[str, Features], row
     """``stats`` with one turn's rows of the targets ``names`` (one shape group) folded in.
 
     Rows are merged one (mini-batch, target) block at a time in the reference's order (mini-batch outer, target
-    inner, docs/method.md §3); ``rows`` is ``_check_features``' name -> (mask, segment, num_segments).
+    inner, docs/method.md §3); ``rows`` is ``check_features``' name -> (mask, segment, num_segments).
     """
     n_members = len(names)
     num = max(rows[n][2] for n in names)

@@ -105,7 +105,8 @@ def _load_records(cfg: RunConfig, n: int, n_warm: int, read_report: data_lib.Rea
 
 
 def editor_settings(name: str, cfg: RunConfig) -> dict:
-    """What ``run`` uses for editor ``name`` under ``cfg``: ``lnjax.hparams.resolve`` of its flags."""
+    """What ``run`` uses for editor ``name`` under ``cfg``: ``lnjax.hparams.resolve`` of its flags (the
+    hypernetwork editors learn their lr per module and take no warm-up unless asked)."""
     return hparams.resolve(name, dataset=cfg.dataset, turns=cfg.turns, lr=cfg.lr, alpha=cfg.alpha,
                            warmup_turns=cfg.warmup_turns, model=cfg.model)
 

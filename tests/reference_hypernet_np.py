@@ -1,5 +1,5 @@
 """An independent float64 NumPy transcription of the hypernetwork editors' net, shifts and meta-gradients
-(BASELINES.md §1.3-1.5), written from the formulas: forward and hand-written backward of the residual blocks,
+written from the formulas: forward and hand-written backward of the residual blocks,
 the ridge shift in its primal form with the closed-form backward, MEND's outer-product shift, clipping and Adam.
 """
 
