@@ -61,5 +61,5 @@ def test_two_runs_of_one_config_differ_only_in_metadata(tmp_path):
 
 
 def test_cli_refuses_unknown_editor(capsys):
-    assert main(["run", "--editor", "memit", "--quiet"]) == 2
+    assert main(["run", "--editor", "rome", "--quiet"]) == 2
     assert "unknown editor" in capsys.readouterr().err
