@@ -28,7 +28,7 @@ import lnjax as lx  # noqa: E402
 from lnjax.batching import pack_turns  # noqa: E402
 from lnjax.models import Model, ModelConfig, init_params  # noqa: E402
 from lnjax.probe import token_log_likelihood, minibatch_weights  # noqa: E402
-from lnjax.sequence import init_carry, make_chunk_fn, make_turn_fn, _slice_chunk  # noqa: E402
+from lnjax.engine import init_carry, make_chunk_fn, make_turn_fn, slice_chunk  # noqa: E402
 
 SHAPES = {
     "default": (ModelConfig(arch="llama", vocab_size=423, d_model=128, n_layers=4, n_heads=4, n_kv_heads=2,
@@ -56,7 +56,7 @@ def bench_model(name, turns_per_chunk, repeats, edits=100, seed=0):
                                                                                           rng.integers(1, 5))))
           for _ in range(edits * turns_per_chunk)]
     tb, _ = pack_turns(ex, edits)
-    xs = _slice_chunk(tb, np.zeros(turns_per_chunk, bool), 0, turns_per_chunk)
+    xs = slice_chunk(tb, np.zeros(turns_per_chunk, bool), 0, turns_per_chunk)
     max_rows = int((np.asarray(tb.labels) != -100).reshape(turns_per_chunk, -1).sum(1).max())
     out = {}
     for ed_name in ("ultraedit", "stableedit"):

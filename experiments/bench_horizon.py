@@ -26,8 +26,8 @@ import numpy as np  # noqa: E402
 from lnjax import data, editors, eval as ev, world_model  # noqa: E402
 from lnjax.plots import pyplot  # noqa: E402
 from lnjax.batching import pack_turns  # noqa: E402
-from lnjax.run import WORLD_HPARAMS  # noqa: E402
-from lnjax.sequence import edit_sequence, join  # noqa: E402
+from lnjax.hparams import WORLD_HPARAMS  # noqa: E402
+from lnjax.sequence import Evaluation, edit_sequence  # noqa: E402
 from lnjax.world import default_world  # noqa: E402
 
 
@@ -69,24 +69,26 @@ def main(argv=None):
 
         def on_chunk(done, carry, diag):
             rss.append((done, rss_mb()))
-            edits_done = done * args.edits_per_turn
+
+        def at_milestones(params, applied_turns):
+            edits_done = applied_turns * args.edits_per_turn
             if edits_done not in milestones:
-                return
+                return None
             latest = {}
             for i in range(edits_done):
                 latest[fact_id[i]] = i
             idx = np.asarray(sorted(latest.values()))
             sub = ev.build_eval_set([recs[i] for i in idx])
-            params = join(model.params, carry.kernels)
             m = ev.evaluate(model.apply, params, sub, None, ("teacher_forced",))
             loc = ev.evaluate(model.apply, params, loc_set, base_loc, ("locality_vs_unedited",))
-            host["points"].append({"edits": edits_done, "facts_evaluated": len(idx),
-                           "efficacy": m["teacher_forced"]["efficacy"],
-                           "generalization": m["teacher_forced"]["generalization"],
-                           "locality_vs_unedited": loc["locality_vs_unedited"], "seconds": time.time() - t0})
-            print(json.dumps({"editor": name, **host["points"][-1]}), flush=True)
+            point = {"edits": edits_done, "facts_evaluated": len(idx), "efficacy": m["teacher_forced"]["efficacy"],
+                     "generalization": m["teacher_forced"]["generalization"],
+                     "locality_vs_unedited": loc["locality_vs_unedited"], "seconds": time.time() - t0}
+            print(json.dumps({"editor": name, **point}), flush=True)
+            return point
 
         res = edit_sequence(model, ed, batches, world_model.DEFAULT_TARGETS, chunk=args.chunk, callback=on_chunk,
+                            hooks=[Evaluation(at_milestones, key="points")],
                             checkpoint_dir=os.path.join(args.out, "ckpt", name),
                             checkpoint_every=args.checkpoint_every, resume=args.resume, host_state=host)
         points = host["points"]

@@ -4,7 +4,7 @@
     python experiments/key_geometry.py --model smollm2 --dataset facts --layers 5,15,25,26,27,28,29
 
 For every down_proj of the model (the world model by default; ``--layers`` picks some), on edit prompts (seed-1
-records, as the tuning sweep uses) and their locality prompts, at the supervised positions (REFERENCE.md §2):
+records, as the tuning sweep uses) and their locality prompts, at the supervised positions (docs/method.md §1):
 
 - mean squared key norm, participation ratio ``(Σλ)²/Σλ²`` of the key covariance and the number of principal
   directions holding 90% of its variance (the keys' effective dimension);
@@ -27,8 +27,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import numpy as np  # noqa: E402
 
 from lnjax import data, facts, hf, world_model  # noqa: E402
-from lnjax.batching import pack  # noqa: E402
-from lnjax.probe import IGNORE, turn_features  # noqa: E402
+from lnjax.batching import IGNORE, pack  # noqa: E402
+from lnjax.probe import turn_features  # noqa: E402
 from lnjax.world import default_world  # noqa: E402
 
 

@@ -1,4 +1,4 @@
-"""The published runs (REFERENCE.md §10-11) as ready-to-run ``lnjax run`` commands: 4 models × 4 datasets ×
+"""The published runs (docs/method.md §8) as ready-to-run ``lnjax run`` commands: 4 models × 4 datasets ×
 {stableedit, ultraedit}, with the published numbers next to them where the papers give them.
 
     python experiments/published.py --list                                   # every configuration
@@ -27,7 +27,7 @@ DATASETS = {
     "ultraeditbench": ("UltraEditBench_2M.json", "UltraEditBench_train_20k.json", 20_000),
 }
 
-# Published teacher-forced ES / GS / LS (REFERENCE.md §11); only the cells the papers state are filled.
+# Published teacher-forced ES / GS / LS (docs/method.md §8); only the cells the papers state are filled.
 PUBLISHED = {
     ("llama3-8b", "zsre", "ultraedit"): {"edits": 20_000, "efficacy": 90.07, "generalization": 87.36,
                                          "specificity": 49.51},

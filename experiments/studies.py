@@ -23,18 +23,17 @@ import numpy as np  # noqa: E402
 from lnjax import data, editors, eval as ev, world_model  # noqa: E402
 from lnjax.batching import pack_turns  # noqa: E402
 from lnjax.plots import plot_update_curves, pyplot, update_curves  # noqa: E402
-from lnjax.run import WORLD_HPARAMS, RunConfig, editor_settings, format_table, run  # noqa: E402
+from lnjax.batching import probe_length  # noqa: E402
+from lnjax.hparams import WORLD_HPARAMS  # noqa: E402
+from lnjax.report import format_table, write_config_and_results  # noqa: E402
+from lnjax.run import RunConfig, editor_settings, run  # noqa: E402
 from lnjax.sequence import edit_sequence  # noqa: E402
 from lnjax.world import default_world  # noqa: E402
 
 
 def _write(out, name, config, results, summary, figures=()):
     d = os.path.join(out, name)
-    os.makedirs(d, exist_ok=True)
-    with open(os.path.join(d, "config.json"), "w") as f:
-        json.dump(config, f, indent=2)
-    with open(os.path.join(d, "results.json"), "w") as f:
-        json.dump(results, f, indent=2)
+    write_config_and_results(d, config, results)
     with open(os.path.join(d, "summary.md"), "w") as f:
         f.write(summary)
     for fname, fig in figures:
@@ -73,7 +72,7 @@ def study_cumulative(out, quick):
     results = {"turns": turns, "late_turns": late_turns, "editors": {}}
     for name in ("stableedit", "ultraedit"):
         ed = editors.get(name, **WORLD_HPARAMS[name])
-        length = max(len(p) + len(a) - 1 for r in recs for p, a in [r.edit])
+        length = max(probe_length(*r.edit) for r in recs)
         full, _ = pack_turns([r.edit for r in recs], per, length)
         only_late, _ = pack_turns([r.edit for r in late], per, length)
         es = ev.build_eval_set(late)

@@ -7,7 +7,7 @@
 Edits are drawn with a seed other than the default run's (``--seed 1``). Prints one JSON line per
 (editor, lr, alpha) with the teacher-forced metrics and locality vs the unedited model, writes them all to
 ``--out`` (JSON) and plots efficacy and generalization against locality per editor next to it (PNG). The
-defaults in ``lnjax.run.WORLD_HPARAMS`` were chosen from such a sweep.
+defaults in ``lnjax.hparams.WORLD_HPARAMS`` were chosen from such a sweep.
 """
 
 import argparse
@@ -66,7 +66,10 @@ def main(argv=None):
     ap.add_argument("--dataset", default="world", help="world or facts (generated data; no --data needed)")
     ap.add_argument("--targets", default="", help="comma-separated module paths (default: the model's)")
     ap.add_argument("--warmup-turns", type=int, default=None)
+    ap.add_argument("--options", default="{}",
+                    help='extra editor options as JSON, e.g. \'{"key_metric": "second_moment"}\'')
     args = ap.parse_args(argv)
+    options = json.loads(args.options)
     rows = []
     alphas = [float(a) for a in args.alphas.split(",") if a] or [None]
     for name, lrs in parse_grid(args.grid, args.editors, args.lrs):
@@ -75,9 +78,9 @@ def main(argv=None):
                 cfg = RunConfig(editors=(name,), turns=args.turns, edits_per_turn=args.edits_per_turn, lr=lr,
                                 alpha=alpha, seed=args.seed, eval_every=0, generation=False, model=args.model,
                                 dataset=args.dataset, targets=tuple(t for t in args.targets.split(",") if t) or None,
-                                warmup_turns=args.warmup_turns)
+                                warmup_turns=args.warmup_turns, editor_options=options or None)
                 res = run(cfg, None, log=lambda m: None, progress=False)["editors"][name]
-                row = {"editor": name, "lr": lr, "alpha": alpha, **res["teacher_forced"],
+                row = {"editor": name, "lr": lr, "alpha": alpha, "options": options, **res["teacher_forced"],
                        "locality_vs_unedited": res["locality_vs_unedited"]}
                 rows.append(row)
                 print(json.dumps(row), flush=True)

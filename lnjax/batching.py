@@ -1,12 +1,60 @@
-"""Host-side packing of tokenized edits into fixed-shape turn arrays (REFERENCE.md §2)."""
+"""The arrays of a turn (``TurnBatch``, ``EditTurn``) and their host-side packing from tokenized edits
+(docs/method.md §1). NumPy only on the host; the types are pytrees, so the same arrays go into ``lax.scan``."""
 
 from __future__ import annotations
 
 from typing import Optional, Sequence
 
+import jax
 import numpy as np
+from flax import struct
 
-from .probe import IGNORE, TurnBatch
+IGNORE = -100
+
+
+@struct.dataclass
+class TurnBatch:
+    """Padded token arrays of edits: ``input_ids``, ``attention_mask``, ``labels`` with shape [..., E, L].
+
+    Labels are aligned with logits (no shift): ``-100`` except at the supervised (answer) positions. Within a turn
+    the edits are already in the reference order (longest first), so consecutive groups of ``minibatch_size``
+    edits are the reference's mini-batches. A padded edit has no supervised position.
+    """
+
+    input_ids: jax.Array
+    attention_mask: jax.Array
+    labels: jax.Array
+
+
+@struct.dataclass
+class EditTurn:
+    """Everything one turn offers an editor that asks for ``"turn"`` (docs/method.md §7), shapes [..., E, ...]:
+
+    ``edit`` (TurnBatch [E, L], labels on the new answer), ``paraphrase`` and ``locality`` (TurnBatch [E, L'] or
+    None) and ``subject_last`` [E] int32 (position of the subject's last token in the edit prompt, -1 when
+    unknown). Stacked over turns every field gains a leading [T] axis.
+    """
+
+    edit: TurnBatch
+    paraphrase: Optional[TurnBatch] = None
+    locality: Optional[TurnBatch] = None
+    subject_last: Optional[jax.Array] = None
+
+    @classmethod
+    def of(cls, batch: "TurnBatch | EditTurn") -> "EditTurn":
+        """``batch`` as an EditTurn: a TurnBatch becomes one with the edit arrays only; a missing
+        ``subject_last`` becomes all -1 (shape of the edit labels minus the last axis)."""
+        turn = batch if isinstance(batch, EditTurn) else cls(edit=batch)
+        if turn.subject_last is not None:
+            return turn
+        labels = turn.edit.labels
+        full = np.full if isinstance(labels, np.ndarray) else jax.numpy.full
+        return turn.replace(subject_last=full(labels.shape[:-1], -1, np.int32))
+
+
+def probe_length(prompt_ids: Sequence[int], answer_ids: Sequence[int]) -> int:
+    """Tokens one probe occupies in a turn: the prompt and the answer without its last token."""
+    return len(prompt_ids) + len(answer_ids) - 1
 
 
 def example_arrays(prompt_ids: Sequence[int], answer_ids: Sequence[int]) -> tuple[list, list]:
@@ -51,11 +99,11 @@ def pack_turns(examples: Sequence[tuple[Sequence[int], Sequence[int]]], n_edits:
     n = len(examples)
     T = max(-(-n // n_edits), 1)
     if length is None:
-        length = max((len(p) + len(a) - 1 for p, a in examples), default=1)
+        length = max((probe_length(p, a) for p, a in examples), default=1)
     order = -np.ones((T, n_edits), np.int64)
     for t in range(T):
         idx = list(range(t * n_edits, min((t + 1) * n_edits, n)))
-        sizes = [len(examples[i][0]) + len(examples[i][1]) - 1 for i in idx]
+        sizes = [probe_length(*examples[i]) for i in idx]
         ranked = sorted(range(len(idx)), key=lambda j: -sizes[j])  # Python's sort is stable
         order[t, :len(idx)] = [idx[j] for j in ranked]
     flat = pack([examples[i] for i in order.reshape(-1) if i >= 0], length)

@@ -206,3 +206,62 @@ class RunCheckpointer:
 
 class ConfigMismatch(CheckpointError):
     """A resume asked for with a config other than the one the checkpoint was saved with."""
+
+
+# The resume protocol of ``lnjax run`` (one directory per run, one sub-directory per editor):
+#   <dir>/config.json            the run's config, written before the first editor starts
+#   <dir>/<editor>/turn_*        RunCheckpointer checkpoints of the editor being run
+#   <dir>/<editor>/done.json     written when an editor finished: its metrics, timings and diagnostics lines
+CONFIG_FILE = "config.json"
+DONE_FILE = "done.json"
+
+
+def save_run_config(directory: str, config: dict) -> str:
+    """Write the run's JSON ``config`` as ``directory/config.json``; returns the file's path."""
+    os.makedirs(directory, exist_ok=True)
+    path = os.path.join(directory, CONFIG_FILE)
+    with open(path, "w") as f:
+        json.dump(config, f, indent=2)
+    return path
+
+
+def resume_config(directory: str, given: dict, defaults: dict) -> dict:
+    """The config saved for the run checkpointed in ``directory``, checked against a resume request.
+
+    ``given`` is the config the resume was asked with and ``defaults`` the config of no options: every value of
+    ``given`` that differs from ``defaults`` was asked for explicitly and must equal the saved one
+    (``ConfigMismatch`` listing the differences otherwise). CheckpointError when no run is saved there.
+    """
+    path = os.path.join(directory, CONFIG_FILE)
+    if not os.path.exists(path):
+        raise CheckpointError(f"{path}: no checkpointed run there")
+    with open(path) as f:
+        saved = json.load(f)
+    asked = {k: v for k, v in given.items() if v != defaults.get(k)}
+    diffs = {k: (saved.get(k), v) for k, v in asked.items() if saved.get(k) != v}
+    if diffs:
+        raise ConfigMismatch(f"{directory}: flags differ from the saved run (saved, given): {diffs}")
+    return saved
+
+
+def finished(directory: Optional[str]) -> Optional[dict]:
+    """The record ``mark_finished`` left in ``directory``, or None when the editor there has not finished."""
+    path = os.path.join(directory, DONE_FILE) if directory else None
+    if not path or not os.path.exists(path):
+        return None
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path}: unreadable ({e})") from None
+
+
+def mark_finished(directory: str, record: dict) -> str:
+    """Write ``record`` (JSON-able) as ``directory/done.json``, atomically; returns its path."""
+    path = os.path.join(directory, DONE_FILE)
+    if jax.process_index() != 0:  # multi-host: one writer for the shared directory
+        return path
+    with open(path + ".tmp", "w") as f:
+        json.dump(record, f)
+    os.replace(path + ".tmp", path)
+    return path

@@ -10,7 +10,8 @@ from typing import Optional, Sequence
 
 from .data import DATASETS
 from .editors import REGISTRY
-from .sequence import WARMUP_POSITIONS
+from .engine import WARMUP_POSITIONS
+from .hparams import help_text
 
 
 def _csv(text: str) -> tuple:
@@ -31,8 +32,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--warmup-turns", type=int, default=None,
                    help="warm-up turns (default: turns//10 for StableEdit editors, 0 for the others)")
     r.add_argument("--warmup-at", choices=WARMUP_POSITIONS, default="start")
-    r.add_argument("--lr", type=float, default=None, help="editor learning rate (default: tuned for the world)")
-    r.add_argument("--alpha", type=float, default=None, help="ridge strength (default: per editor)")
+    r.add_argument("--lr", type=float, default=None, help=help_text("lr"))
+    r.add_argument("--alpha", type=float, default=None, help=help_text("alpha"))
     r.add_argument("--targets", type=_csv, default=None, help="comma-separated HF module paths to edit")
     r.add_argument("--model", default=None, help="HF checkpoint directory, .gguf file or built-in name (smollm2: "
                                                  "SmolLM2-135M-Instruct, fetched once); default: the embedded world model")
@@ -52,7 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="continue the run checkpointed in DIR (its saved config is used; other flags must agree)")
     r.add_argument("--on-nonfinite", choices=("skip", "stop"), default="skip",
                    help="a turn with a non-finite shift is rejected; then go on (skip) or stop the run")
-    r.add_argument("--mesh", default=None, help="device mesh, e.g. data=2,model=4 (weights over model, edits over data)")
+    r.add_argument("--mesh", default=None,
+                   help="device mesh, e.g. data=2,model=4 (weights over model, edits over data)")
     r.add_argument("--quiet", action="store_true", help="no progress bars")
     r.add_argument("--distributed", action="store_true",
                    help="multi-host: call jax.distributed.initialize() first (arguments detected on TPU, Slurm, "
@@ -70,7 +72,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         # Must run before any JAX computation; every process then sees the global devices for --mesh.
         jax.distributed.initialize(coordinator_address=args.coordinator, num_processes=args.num_processes,
                                    process_id=args.process_id)
-    from .run import DEFAULT_EDITORS, RunConfig, format_table, run
+    from .report import format_table
+    from .run import DEFAULT_EDITORS, RunConfig, run
 
     cfg = RunConfig(editors=args.editor or DEFAULT_EDITORS, turns=args.turns, edits_per_turn=args.edits_per_turn,
                     warmup_turns=args.warmup_turns, warmup_at=args.warmup_at, lr=args.lr, alpha=args.alpha,
@@ -80,23 +83,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                     generation=not args.no_generation)
     checkpoint_dir = args.checkpoint_dir
     if args.resume:
-        import dataclasses
-        import json
-        saved_file = os.path.join(args.resume, "config.json")
-        if not os.path.exists(saved_file):
-            print(f"lnjax run: {saved_file}: no checkpointed run there", file=sys.stderr)
+        from .checkpoint import CheckpointError, resume_config
+        try:
+            cfg = RunConfig.from_json(resume_config(args.resume, cfg.to_json(), RunConfig().to_json()))
+        except CheckpointError as e:
+            print(f"lnjax run: --resume: {e}", file=sys.stderr)
             return 2
-        with open(saved_file) as f:
-            saved = json.load(f)
-        defaults = RunConfig().to_json()
-        given = {k: v for k, v in cfg.to_json().items() if v != defaults[k]}
-        diffs = {k: (saved.get(k), v) for k, v in given.items() if saved.get(k) != v}
-        if diffs:
-            print(f"lnjax run: --resume {args.resume}: flags differ from the saved run (saved, given): {diffs}",
-                  file=sys.stderr)
-            return 2
-        fields = {f.name for f in dataclasses.fields(RunConfig)}
-        cfg = RunConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in saved.items() if k in fields})
         checkpoint_dir = args.resume
     unknown = [e for e in cfg.editors if e not in REGISTRY]
     if unknown:

@@ -1,4 +1,4 @@
-"""Readers for the published edit datasets in their exact JSON schemas (REFERENCE.md §9), and tokenization.
+"""Readers for the published edit datasets in their exact JSON schemas (docs/method.md §10), and tokenization.
 
 Files are JSON arrays; the first ``n`` rows are used, in order, and the array is parsed incrementally so a 2M-row
 file is never held in memory twice (nor read past row ``n``). Every problem raises ``DataError`` naming the file,
@@ -11,6 +11,8 @@ import dataclasses
 import json
 import random
 from typing import Callable, Iterator, Optional, Sequence
+
+from .batching import probe_length
 
 DATASETS = ("zsre", "fever", "wikibigedit", "ultraeditbench", "counterfact", "easyedit")
 # The two ZsRE layouts in circulation, told apart by their fields: UltraEdit's eval/train files carry the edit
@@ -314,7 +316,7 @@ class TokenizedRecord:
 
 def tokenize(records: Sequence[EditRecord], tok, max_length: Optional[int] = None, *,
              skip_bad_rows: bool = False, report: Optional[ReadReport] = None) -> list[TokenizedRecord]:
-    """Reference tokenization (REFERENCE.md §2): prompt with special tokens, ``" " + answer`` without.
+    """Reference tokenization (docs/method.md §1): prompt with special tokens, ``" " + answer`` without.
 
     An answer that tokenizes to nothing, or a probe longer than ``max_length`` tokens (prompt + answer - 1),
     raises DataError naming file, row and field (or is skipped and counted with ``skip_bad_rows``).
@@ -334,8 +336,8 @@ def tokenize(records: Sequence[EditRecord], tok, max_length: Optional[int] = Non
                     raise DataError(f"{where}: field {answer_field!r}: answer {answer!r} tokenizes to nothing")
                 if not p_ids:
                     raise DataError(f"{where}: field {name!r}: prompt tokenizes to nothing")
-                if max_length is not None and len(p_ids) + len(a_ids) - 1 > max_length:
-                    raise DataError(f"{where}: field {name!r}: {len(p_ids) + len(a_ids) - 1} tokens, more than "
+                if max_length is not None and probe_length(p_ids, a_ids) > max_length:
+                    raise DataError(f"{where}: field {name!r}: {probe_length(p_ids, a_ids)} tokens, more than "
                                     f"the configured length {max_length}")
                 pairs[name] = (p_ids, a_ids)
         except DataError as e:

@@ -5,7 +5,7 @@
     deltas, state = ed.update({"a": Features(...), "b": Features(...)}, state)   # deltas[name]: (d_in, d_out)
 
 An editor knows no model: it maps one turn's features to one parameter shift per target and carries the
-lifelong-normalization statistics in its state (REFERENCE.md §4-6). Targets of equal shape pool one statistics
+lifelong-normalization statistics in its state (docs/method.md §3-5). Targets of equal shape pool one statistics
 state by default (``pooling="shape"``); ``pooling="target"`` keeps one per target.
 """
 
@@ -21,9 +21,11 @@ from flax import struct
 
 from . import ln
 from .features import Features, is_concrete, resolved
+from .hparams import EDITOR_DEFAULTS as _D
 from .solve import METHODS, ridge_shift
 
 NORMALIZATIONS = ("lifelong", "per_turn", "none")
+KEY_METRICS = ("identity", "second_moment")
 POOLINGS = ("shape", "target")
 
 
@@ -45,12 +47,24 @@ class EditorState:
         return tuple(t[0] for t in self.targets)
 
 
+NEEDS = ("features", "params", "turn")
+
+
 class Editor(NamedTuple):
-    """An editor: ``init(shapes) -> state`` and ``update(features, state, warmup=False) -> (deltas, state)``."""
+    """An editor (the protocol of docs/method.md §7): ``init(shapes) -> state`` with ``shapes`` {target:
+    (d_in, d_out)}, and ``update(features, state, *, warmup=False, params=None, turn=None) -> (deltas, state)``
+    with ``deltas`` {target: (d_in, d_out) float32}.
+
+    ``needs`` (a subset of ``NEEDS``) says what the engine computes for ``update``: ``"features"`` the turn's
+    ``{target: Features}`` from ``lnjax.probe.turn_features`` on the pre-turn model (else ``features`` is None
+    and the probe is skipped), ``"params"`` the full pre-turn parameters, ``"turn"`` the turn's arrays as an
+    ``lnjax.batching.EditTurn``. The state keeps int32 counters ``turns`` and ``rejected``.
+    """
 
     init: Callable[[Mapping[str, tuple[int, int]]], EditorState]
     update: Callable[..., tuple[dict, EditorState]]
     config: Any = None
+    needs: frozenset = frozenset({"features"})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,6 +82,17 @@ class LNConfig:
     nu0: Union[float, str] = 0.0
     eig_floor: float = 1e-6
     solve_method: str = "auto"
+    key_metric: str = "identity"
+    key_prior: float = 1e-2
+
+    @property
+    def keeps_stats(self) -> bool:
+        """Statistics are kept for normalization, or (even without it) for the key metric."""
+        return self.normalization != "none" or self.key_metric != "identity"
+
+    @property
+    def tracks_keys(self) -> bool:
+        return self.key_metric == "second_moment"
 
     def __post_init__(self):
         if self.normalization not in NORMALIZATIONS:
@@ -84,6 +109,10 @@ class LNConfig:
             raise ValueError(f"nu0 must be a number or 'min' (d_out + 2), got {self.nu0!r}")
         if self.whiten and self.normalization == "none":
             raise ValueError("whitening needs normalization statistics (normalization != 'none')")
+        if self.key_metric not in KEY_METRICS:
+            raise ValueError(f"key_metric must be one of {KEY_METRICS}, got {self.key_metric!r}")
+        if self.key_prior <= 0:
+            raise ValueError(f"key_prior must be > 0 (it keeps the key metric invertible), got {self.key_prior}")
 
 
 def _group_of(name: str, d_in: int, d_out: int, pooling: str) -> str:
@@ -124,115 +153,164 @@ def _as_bool(flag: Union[bool, jax.Array]) -> jax.Array:
     return jnp.asarray(flag, dtype=bool)
 
 
+def _init_state(cfg: LNConfig, shapes: Mapping[str, tuple[int, int]]) -> EditorState:
+    targets = []
+    for name, shape in shapes.items():
+        if len(shape) != 2 or min(shape) <= 0:
+            raise ValueError(f"target {name!r}: shape must be (d_in, d_out) with positive sizes, got {shape}")
+        d_in, d_out = int(shape[0]), int(shape[1])
+        targets.append((name, d_in, d_out, _group_of(name, d_in, d_out, cfg.pooling)))
+    stats = {}
+    if cfg.keeps_stats:
+        for _, d_in, d_out, group in targets:
+            stats.setdefault(group, ln.init(d_in, d_out, cfg.whiten, cfg.tracks_keys))
+    return EditorState(stats=stats, turns=jnp.zeros((), jnp.int32), rejected=jnp.zeros((), jnp.int32),
+                       targets=tuple(targets))
+
+
+def _merged_stats(cfg: LNConfig, state: EditorState, features: Mapping[str, Features], rows: dict) -> dict:
+    """The statistics after this turn, merged once per (mini-batch, target) before any shift
+    (docs/method.md §3); empty when no statistics are kept."""
+    if not cfg.keeps_stats:
+        return {}
+    members: dict[str, list] = {}
+    for name, _, _, group in state.targets:
+        members.setdefault(group, []).append(name)
+    new_stats = {}
+    for group, names in members.items():
+        base = state.stats[group]
+        if cfg.normalization == "per_turn":
+            base = ln.init(base.d_in, base.d_out, cfg.whiten, cfg.tracks_keys)
+        n_members = len(names)
+        num = max(rows[n][2] for n in names)
+        z = jnp.concatenate([jnp.concatenate([features[n].keys, features[n].value_grads], axis=1)
+                             .astype(jnp.float32) for n in names], axis=0)
+        mask = jnp.concatenate([rows[n][0] for n in names])
+        seg = jnp.concatenate([rows[n][1] * n_members + j for j, n in enumerate(names)])
+        new_stats[group] = ln.update(base, z, mask, seg, num * n_members, cfg.variance)
+    return new_stats
+
+
+def _whitening(cfg: LNConfig, new_stats: dict, warmup: jax.Array) -> dict:
+    """group -> (use full whitening?, whitening matrix), once per turn per group (StableEdit, docs/method.md §5);
+    empty when the editor does not whiten."""
+    white = {}
+    if not cfg.whiten:
+        return white
+    for group, stats in new_stats.items():
+        nu0 = float(stats.d_out + 2) if cfg.nu0 == "min" else float(cfg.nu0)
+        use = ln.can_whiten(stats, nu0) & (stats.count > 0)
+        if not cfg.whiten_in_warmup:
+            use = use & ~warmup
+        mat = jax.lax.cond(use, lambda s: ln.whitening_matrix(s, cfg.eps0, nu0, cfg.eig_floor),
+                           lambda s: jnp.eye(s.d_out, dtype=jnp.float32), stats)
+        white[group] = (use, mat)
+    return white
+
+
+def key_metric(stats: ln.LNStats, prior: float) -> jax.Array:
+    """The ridge metric ``A = E[k kᵀ] + prior · mean(diag E[k kᵀ]) · I`` (d_in, d_in) from the keys' lifelong
+    second moment; the prior keeps ``A`` invertible before the keys span ``d_in`` (scale-free)."""
+    moment = ln.key_second_moment(stats)
+    scale = jnp.maximum(jnp.mean(jnp.diag(moment)), 1e-12)
+    return moment + prior * scale * jnp.eye(stats.d_in, dtype=jnp.float32)
+
+
+def _shifts(cfg: LNConfig, state: EditorState, features: Mapping[str, Features], rows: dict, new_stats: dict,
+            white: dict) -> dict:
+    """Pseudo-values and ridge shifts per target (docs/method.md §4-5; the key metric, once per turn per group,
+    is the lnjax extension of §13)."""
+    metrics = {group: key_metric(stats, cfg.key_prior) for group, stats in new_stats.items()} \
+        if cfg.tracks_keys else {}
+    deltas = {}
+    for name, d_in, d_out, group in state.targets:
+        f = features[name]
+        mask = rows[name][0]
+        k = f.keys.astype(jnp.float32)
+        g = f.value_grads.astype(jnp.float32)
+        if cfg.normalization == "none":
+            k_hat, g_hat = k, g
+        else:
+            stats = new_stats[group]
+            z_hat = ln.standardize(stats, jnp.concatenate([k, g], axis=1))
+            k_hat, g_hat = z_hat[:, :d_in], z_hat[:, d_in:]
+            if group in white:
+                use, mat = white[group]
+                g_hat = jnp.where(use, ln.whiten(stats, g, mat), g_hat)
+        values = -cfg.lr * jnp.sum(k_hat * k_hat, axis=1, keepdims=True) * g_hat
+        values = jnp.where(mask[:, None], values, 0.0)
+        deltas[name] = ridge_shift(k, values, cfg.alpha, mask, cfg.solve_method, metrics.get(group))
+    return deltas
+
+
+def _reject_nonfinite(cfg: LNConfig, state: EditorState, deltas: dict, new_stats: dict):
+    """A non-finite shift is rejected whole: no weight change, statistics as before, ``rejected`` counted."""
+    finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(d)) for d in deltas.values()]))
+    deltas = {n: jnp.where(finite, d, 0.0) for n, d in deltas.items()}
+    kept_stats = new_stats if cfg.keeps_stats else state.stats
+    stats = jax.tree_util.tree_map(lambda a, b: jnp.where(finite, a, b), kept_stats, state.stats)
+    return deltas, state.replace(stats=stats, turns=state.turns + finite.astype(jnp.int32),
+                                 rejected=state.rejected + (~finite).astype(jnp.int32))
+
+
 def ln_editor(config: LNConfig) -> Editor:
-    """An editor of the LN family from a full ``LNConfig`` (the named factories below fill it in)."""
+    """An editor of the LN family from a full ``LNConfig`` (the named factories below fill it in).
+
+    ``init(shapes)``: one statistics state per group of targets; ``update(features, state, warmup=False)``:
+    statistics merged with the turn's rows, optional whitening, pseudo-values, ridge shifts
+    ({target: (d_in, d_out) float32}); a turn with a non-finite shift is rejected whole.
+    """
     cfg = config
-    track_scatter = cfg.whiten
 
     def init(shapes: Mapping[str, tuple[int, int]]) -> EditorState:
-        targets = []
-        for name, shape in shapes.items():
-            if len(shape) != 2 or min(shape) <= 0:
-                raise ValueError(f"target {name!r}: shape must be (d_in, d_out) with positive sizes, got {shape}")
-            d_in, d_out = int(shape[0]), int(shape[1])
-            targets.append((name, d_in, d_out, _group_of(name, d_in, d_out, cfg.pooling)))
-        stats = {}
-        if cfg.normalization != "none":
-            for _, d_in, d_out, group in targets:
-                stats.setdefault(group, ln.init(d_in, d_out, track_scatter))
-        return EditorState(stats=stats, turns=jnp.zeros((), jnp.int32), rejected=jnp.zeros((), jnp.int32),
-                           targets=tuple(targets))
+        return _init_state(cfg, shapes)
 
-    def update(features: Mapping[str, Features], state: EditorState,
-               warmup: Union[bool, jax.Array] = False) -> tuple[dict, EditorState]:
+    def update(features: Mapping[str, Features], state: EditorState, warmup: Union[bool, jax.Array] = False, *,
+               params=None, turn=None) -> tuple[dict, EditorState]:
+        del params, turn  # the LN family needs features only (``needs`` is the default)
         rows = _check_features(features, state)
-        warmup = _as_bool(warmup)
-        members: dict[str, list] = {}
-        for name, _, _, group in state.targets:
-            members.setdefault(group, []).append(name)
-
-        # 1. statistics, once per (mini-batch, target) of the turn, before any shift (REFERENCE.md §4).
-        new_stats = {}
-        if cfg.normalization != "none":
-            for group, names in members.items():
-                base = state.stats[group]
-                if cfg.normalization == "per_turn":
-                    base = ln.init(base.d_in, base.d_out, track_scatter)
-                n_members = len(names)
-                num = max(rows[n][2] for n in names)
-                z = jnp.concatenate([jnp.concatenate([features[n].keys, features[n].value_grads], axis=1)
-                                     .astype(jnp.float32) for n in names], axis=0)
-                mask = jnp.concatenate([rows[n][0] for n in names])
-                seg = jnp.concatenate([rows[n][1] * n_members + j for j, n in enumerate(names)])
-                new_stats[group] = ln.update(base, z, mask, seg, num * n_members, cfg.variance)
-
-        # 2. the whitening matrix, once per turn per group (StableEdit, REFERENCE.md §6).
-        white = {}
-        if cfg.whiten:
-            for group, stats in new_stats.items():
-                nu0 = float(stats.d_out + 2) if cfg.nu0 == "min" else float(cfg.nu0)
-                use = ln.can_whiten(stats, nu0) & (stats.count > 0)
-                if not cfg.whiten_in_warmup:
-                    use = use & ~warmup
-                mat = jax.lax.cond(use, lambda s: ln.whitening_matrix(s, cfg.eps0, nu0, cfg.eig_floor),
-                                   lambda s: jnp.eye(s.d_out, dtype=jnp.float32), stats)
-                white[group] = (use, mat)
-
-        # 3. pseudo-values and ridge shifts per target (REFERENCE.md §5).
-        deltas = {}
-        for name, d_in, d_out, group in state.targets:
-            f = features[name]
-            mask = rows[name][0]
-            k = f.keys.astype(jnp.float32)
-            g = f.value_grads.astype(jnp.float32)
-            if cfg.normalization == "none":
-                k_hat, g_hat = k, g
-            else:
-                stats = new_stats[group]
-                z_hat = ln.standardize(stats, jnp.concatenate([k, g], axis=1))
-                k_hat, g_hat = z_hat[:, :d_in], z_hat[:, d_in:]
-                if group in white:
-                    use, mat = white[group]
-                    g_hat = jnp.where(use, ln.whiten(stats, g, mat), g_hat)
-            values = -cfg.lr * jnp.sum(k_hat * k_hat, axis=1, keepdims=True) * g_hat
-            values = jnp.where(mask[:, None], values, 0.0)
-            deltas[name] = ridge_shift(k, values, cfg.alpha, mask, cfg.solve_method)
-
-        # 4. a non-finite shift is rejected whole: no weight change, statistics as before.
-        finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(d)) for d in deltas.values()]))
-        deltas = {n: jnp.where(finite, d, 0.0) for n, d in deltas.items()}
-        kept_stats = new_stats if cfg.normalization != "none" else state.stats
-        stats = jax.tree_util.tree_map(lambda a, b: jnp.where(finite, a, b), kept_stats, state.stats)
-        new_state = state.replace(stats=stats, turns=state.turns + finite.astype(jnp.int32),
-                                  rejected=state.rejected + (~finite).astype(jnp.int32))
-        return deltas, new_state
+        new_stats = _merged_stats(cfg, state, features, rows)
+        white = _whitening(cfg, new_stats, _as_bool(warmup))
+        deltas = _shifts(cfg, state, features, rows, new_stats, white)
+        return _reject_nonfinite(cfg, state, deltas, new_stats)
 
     return Editor(init=init, update=update, config=cfg)
 
 
-def ultraedit(lr: float = 1e-6, alpha: float = 1.0, *, variance: str = "ddof1", pooling: str = "shape",
-              solve_method: str = "auto") -> Editor:
-    """UltraEdit as its released code runs it: lifelong diagonal LN with the ddof=1 merge, ridge ``α = 1``."""
+def ultraedit(lr: float = _D["ultraedit"]["lr"], alpha: float = _D["ultraedit"]["alpha"], *,
+              variance: str = "ddof1", pooling: str = "shape", solve_method: str = "auto",
+              key_metric: str = "identity", key_prior: float = 1e-2) -> Editor:
+    """UltraEdit as its released code runs it: lifelong diagonal LN with the ddof=1 merge, ridge ``α = 1``.
+
+    ``key_metric="second_moment"`` (an lnjax extension, not in the papers; docs/method.md §13) penalises the
+    shift in the metric of the keys' lifelong second moment, ``ΔW = (KᵀK + αA)⁻¹KᵀV`` with
+    ``A = E[kkᵀ] + key_prior·mean(diag)·I`` over every key seen so far, so a turn changes the outputs of earlier
+    keys as little as the edits allow.
+    """
     return ln_editor(LNConfig(lr=lr, alpha=alpha, normalization="lifelong", variance=variance, pooling=pooling,
-                              solve_method=solve_method))
+                              solve_method=solve_method, key_metric=key_metric, key_prior=key_prior))
 
 
-def stableedit(lr: float = 1e-6, alpha: float = 10.0, *, whiten: bool = True, variance: str = "exact",
-               pooling: str = "shape", eps0: float = 0.0, nu0: Union[float, str] = 0.0, whiten_in_warmup: bool = False,
-               eig_floor: float = 1e-6, solve_method: str = "auto") -> Editor:
+def stableedit(lr: float = _D["stableedit"]["lr"], alpha: float = _D["stableedit"]["alpha"], *, whiten: bool = True,
+               variance: str = "exact", pooling: str = "shape", eps0: float = 0.0, nu0: Union[float, str] = 0.0,
+               whiten_in_warmup: bool = False, eig_floor: float = 1e-6, solve_method: str = "auto",
+               key_metric: str = "identity", key_prior: float = 1e-2) -> Editor:
     """StableEdit as its released code runs it: lifelong LN (ddof=0 merge), full ZCA whitening of the value
     gradients once ``n > d_out + 1`` (diagonal before that and during warm-up), ridge ``α = 10``.
 
     The paper's Algorithm-1 reading: ``eps0 > 0`` (prior scatter ``ε0·I``), ``nu0`` prior degrees of freedom
     (a number, or ``"min"`` for ``d_out + 2``, the least that makes the estimate defined from the first row),
-    ``pooling="target"``, ``whiten_in_warmup=True`` — see ``stableedit_algorithm1``.
+    ``pooling="target"``, ``whiten_in_warmup=True`` — see ``stableedit_algorithm1``. ``key_metric`` and
+    ``key_prior``: the key-preconditioned ridge, as in ``ultraedit``.
     """
     return ln_editor(LNConfig(lr=lr, alpha=alpha, normalization="lifelong", variance=variance, pooling=pooling,
                               whiten=whiten, whiten_in_warmup=whiten_in_warmup, eps0=eps0, nu0=nu0,
-                              eig_floor=eig_floor, solve_method=solve_method))
+                              eig_floor=eig_floor, solve_method=solve_method, key_metric=key_metric,
+                              key_prior=key_prior))
 
 
-def stableedit_algorithm1(lr: float = 1e-6, alpha: float = 10.0, *, eps0: float = 1e-3,
+def stableedit_algorithm1(lr: float = _D["stableedit_algorithm1"]["lr"],
+                          alpha: float = _D["stableedit_algorithm1"]["alpha"], *, eps0: float = 1e-3,
                           solve_method: str = "auto") -> Editor:
     """The paper's Algorithm 1 as we read it: Normal-inverse-Wishart estimate with prior ``Ψ0 = ε0·I`` and
     ``ν0 = d_out + 2`` (so whitening is defined from the first turn), per-layer statistics, whitening in both
@@ -241,12 +319,16 @@ def stableedit_algorithm1(lr: float = 1e-6, alpha: float = 10.0, *, eps0: float 
                       solve_method=solve_method)
 
 
-def no_normalization(lr: float = 1e-6, alpha: float = 1.0, *, solve_method: str = "auto") -> Editor:
-    """Ablation: raw keys and value gradients in the same formula ``V = -lr ||k||² g`` (no statistics)."""
-    return ln_editor(LNConfig(lr=lr, alpha=alpha, normalization="none", solve_method=solve_method))
+def no_normalization(lr: float = _D["no_normalization"]["lr"], alpha: float = _D["no_normalization"]["alpha"], *,
+                     solve_method: str = "auto", key_metric: str = "identity", key_prior: float = 1e-2) -> Editor:
+    """Ablation: raw keys and value gradients in the same formula ``V = -lr ||k||² g``. No statistics, unless
+    ``key_metric="second_moment"`` (then only the keys' second moment is kept, for the ridge metric)."""
+    return ln_editor(LNConfig(lr=lr, alpha=alpha, normalization="none", solve_method=solve_method,
+                              key_metric=key_metric, key_prior=key_prior))
 
 
-def per_turn_normalization(lr: float = 1e-6, alpha: float = 1.0, *, variance: str = "exact",
+def per_turn_normalization(lr: float = _D["per_turn_normalization"]["lr"],
+                           alpha: float = _D["per_turn_normalization"]["alpha"], *, variance: str = "exact",
                            pooling: str = "shape", solve_method: str = "auto") -> Editor:
     """Ablation: diagonal normalization with statistics of the current turn only (reset every turn)."""
     return ln_editor(LNConfig(lr=lr, alpha=alpha, normalization="per_turn", variance=variance, pooling=pooling,

@@ -1,4 +1,4 @@
-"""Metrics of an edited model, each named by its protocol (REFERENCE.md §8).
+"""Metrics of an edited model, each named by its protocol (docs/method.md §9).
 
 - ``teacher_forced``: the reference ES / GS / LS — per example, the fraction of answer positions where
   argmax(logits) equals the label (the gold answer for specificity), then the mean over examples.
@@ -17,9 +17,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .batching import pack
+from .batching import IGNORE, TurnBatch, pack
 from .data import TokenizedRecord
-from .probe import IGNORE, TurnBatch
 
 PROBES = ("edit", "paraphrase", "locality")
 
@@ -75,16 +74,18 @@ def _argmax_fn(apply: Callable) -> Callable:
     return jax.jit(lambda params, ids, mask: jnp.argmax(apply(params, ids, mask), axis=-1).astype(jnp.int32))
 
 
-def token_accuracy(preds: np.ndarray, labels: np.ndarray) -> np.ndarray:
-    """Per example, the fraction of supervised positions where ``preds`` equals ``labels`` [n]."""
+def token_accuracy(preds, labels, target=None):
+    """Per example, the fraction of supervised positions (``labels != -100``) where ``preds`` equals ``target``
+    (default: ``labels``) [...] (leading axes kept, last axis reduced). Works on NumPy arrays (float64 result)
+    and on JAX arrays inside ``jit`` alike; an example without supervised positions scores 0."""
     sup = labels != IGNORE
-    return ((preds == labels) & sup).sum(1) / np.maximum(sup.sum(1), 1)
+    hits = ((preds == (labels if target is None else target)) & sup).sum(-1)
+    return hits / sup.sum(-1).clip(1)
 
 
 def agreement(preds: np.ndarray, reference: np.ndarray, labels: np.ndarray) -> np.ndarray:
     """Per example, the fraction of supervised positions where two models' argmax agree [n]."""
-    sup = labels != IGNORE
-    return ((preds == reference) & sup).sum(1) / np.maximum(sup.sum(1), 1)
+    return token_accuracy(preds, labels, target=reference)
 
 
 def greedy_exact_match(apply: Callable, params, pairs: Sequence[tuple], chunk: int = 256) -> np.ndarray:

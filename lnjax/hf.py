@@ -20,10 +20,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .models import Model, ModelConfig, param_shapes
-from .models.layers import ACTIVATIONS
+from .checkpoint import CheckpointError
+from .models import ARCHITECTURES, Model, ModelConfig, architecture, get_module, leaf_paths, param_shapes
 
-SUPPORTED_ROPE = ("default", "linear", "llama3")
 # Buffers some checkpoints carry that are not parameters (recomputed by the model).
 _BUFFER_KEYS = re.compile(r"(\.attn\.bias|\.attn\.masked_bias|\.rotary_emb\.inv_freq)$")
 _LEAF_TO_HF = {"kernel": "weight", "scale": "weight", "embedding": "weight", "bias": "bias"}
@@ -31,120 +30,24 @@ _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.floa
 _SHARD_BYTES = 4 * 1024 ** 3
 
 
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be loaded as asked; the message names the file and tensor or option."""
-
-
-def _refuse(where: str, option: str, value: Any, why: str) -> None:
-    raise CheckpointError(f"{where}: unsupported config option {option}={value!r} ({why})")
-
-
-def _rope(hf: dict, where: str) -> tuple[float, Optional[tuple]]:
-    """(theta, scaling) from either the v4 (``rope_theta`` + ``rope_scaling``) or v5 (``rope_parameters``) form."""
-    params = hf.get("rope_parameters") or {}
-    scaling = dict(hf.get("rope_scaling") or {})
-    theta = float(params.get("rope_theta", hf.get("rope_theta", 10000.0)))
-    merged = {**scaling, **{k: v for k, v in params.items() if k != "rope_theta"}}
-    kind = merged.pop("rope_type", merged.pop("type", "default"))
-    if kind not in SUPPORTED_ROPE:
-        _refuse(where, "rope_scaling.rope_type", kind, f"supported: {SUPPORTED_ROPE}")
-    if kind == "default":
-        return theta, None
-    keep = ("factor",) if kind == "linear" else (
-        "factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
-    missing = [k for k in keep if k not in merged]
-    if missing:
-        raise CheckpointError(f"{where}: rope scaling {kind!r} lacks {missing}")
-    return theta, tuple([("rope_type", kind)] + [(k, float(merged[k])) for k in keep])
-
-
-def _activation(hf: dict, key: str, where: str, default: str) -> str:
-    act = hf.get(key) or default
-    if act not in ACTIVATIONS:
-        _refuse(where, key, act, f"supported: {sorted(ACTIVATIONS)}")
-    return act
-
-
 def config_from_hf(hf: dict, where: str = "config.json") -> ModelConfig:
-    """ModelConfig from an HF ``config.json`` dict; CheckpointError naming any unsupported option."""
+    """ModelConfig from an HF ``config.json`` dict (each architecture's mapping sits next to its model);
+    CheckpointError naming any unsupported option."""
     mt = hf.get("model_type")
-    common = dict(vocab_size=int(hf["vocab_size"]), bos_token_id=hf.get("bos_token_id"),
-                  eos_token_id=hf.get("eos_token_id") if not isinstance(hf.get("eos_token_id"), list)
-                  else hf["eos_token_id"][0])
-    if mt in ("llama", "mistral", "qwen2"):
-        if hf.get("pretraining_tp", 1) != 1:
-            _refuse(where, "pretraining_tp", hf["pretraining_tp"], "only 1 is supported")
-        theta, scaling = _rope(hf, where)
-        window = None
-        if mt == "mistral":
-            window = hf.get("sliding_window")
-        if mt == "qwen2" and hf.get("use_sliding_window"):
-            _refuse(where, "use_sliding_window", True, "Qwen2 sliding-window layers are not implemented")
-        qkv_bias = mt == "qwen2" or bool(hf.get("attention_bias", False))
-        return ModelConfig(
-            arch=mt, d_model=int(hf["hidden_size"]), n_layers=int(hf["num_hidden_layers"]),
-            n_heads=int(hf["num_attention_heads"]), n_kv_heads=int(hf.get("num_key_value_heads")
-                                                                    or hf["num_attention_heads"]),
-            head_dim=hf.get("head_dim"), d_ff=int(hf["intermediate_size"]), norm_eps=float(hf["rms_norm_eps"]),
-            rope_theta=theta, rope_scaling=scaling, tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
-            qkv_bias=qkv_bias, o_bias=mt != "qwen2" and bool(hf.get("attention_bias", False)),
-            mlp_bias=bool(hf.get("mlp_bias", False)), sliding_window=window,
-            activation=_activation(hf, "hidden_act", where, "silu"), **common)
-    if mt == "gpt2":
-        for opt, ok in (("scale_attn_weights", True), ("scale_attn_by_inverse_layer_idx", False),
-                        ("add_cross_attention", False)):
-            if hf.get(opt, ok) != ok:
-                _refuse(where, opt, hf[opt], f"only {ok} is supported")
-        d = int(hf["n_embd"])
-        return ModelConfig(arch="gpt2", d_model=d, n_layers=int(hf["n_layer"]), n_heads=int(hf["n_head"]),
-                           d_ff=int(hf.get("n_inner") or 4 * d), norm_eps=float(hf["layer_norm_epsilon"]),
-                           max_positions=int(hf["n_positions"]), tie_embeddings=True,
-                           activation=_activation(hf, "activation_function", where, "gelu_new"), **common)
-    if mt == "gptj":
-        if hf.get("tie_word_embeddings", False):
-            _refuse(where, "tie_word_embeddings", True, "GPT-J has an untied, biased head")
-        d = int(hf["n_embd"])
-        return ModelConfig(arch="gptj", d_model=d, n_layers=int(hf["n_layer"]), n_heads=int(hf["n_head"]),
-                           d_ff=int(hf.get("n_inner") or 4 * d), norm_eps=float(hf["layer_norm_epsilon"]),
-                           rotary_dim=hf.get("rotary_dim"), max_positions=int(hf["n_positions"]),
-                           activation=_activation(hf, "activation_function", where, "gelu_new"), **common)
-    raise CheckpointError(f"{where}: unknown model_type {mt!r}; supported: llama, mistral, qwen2, gpt2, gptj")
+    if mt not in ARCHITECTURES:
+        raise CheckpointError(f"{where}: unknown model_type {mt!r}; supported: {', '.join(ARCHITECTURES)}")
+    return architecture(mt).config_from_hf(hf, where)
 
 
 def config_to_hf(cfg: ModelConfig, dtype: str = "float32") -> dict:
     """An HF ``config.json`` dict for ``cfg`` (used when a model was not loaded from HF)."""
-    common = {"vocab_size": cfg.vocab_size, "bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id,
-              "torch_dtype": dtype, "tie_word_embeddings": cfg.tie_embeddings}
-    if cfg.arch in ("llama", "mistral", "qwen2"):
-        hf = {"model_type": cfg.arch, "architectures": [{"llama": "LlamaForCausalLM", "mistral":
-              "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}[cfg.arch]],
-              "hidden_size": cfg.d_model, "intermediate_size": cfg.d_ff, "num_hidden_layers": cfg.n_layers,
-              "num_attention_heads": cfg.n_heads, "num_key_value_heads": cfg.kv_heads, "head_dim": cfg.hd,
-              "rms_norm_eps": cfg.norm_eps, "rope_theta": cfg.rope_theta, "hidden_act": cfg.activation,
-              "max_position_embeddings": cfg.max_positions, **common}
-        if cfg.rope_scaling:
-            hf["rope_scaling"] = dict(cfg.rope_scaling)
-        if cfg.arch == "llama":
-            hf.update(attention_bias=cfg.qkv_bias, mlp_bias=cfg.mlp_bias)
-        if cfg.arch == "mistral":
-            hf["sliding_window"] = cfg.sliding_window
-        return hf
-    name = {"gpt2": "GPT2LMHeadModel", "gptj": "GPTJForCausalLM"}[cfg.arch]
-    hf = {"model_type": cfg.arch, "architectures": [name], "n_embd": cfg.d_model, "n_layer": cfg.n_layers,
-          "n_head": cfg.n_heads, "n_inner": cfg.d_ff, "layer_norm_epsilon": cfg.norm_eps,
-          "n_positions": cfg.max_positions, "activation_function": cfg.activation, **common}
-    if cfg.arch == "gptj":
-        hf["rotary_dim"] = cfg.rotary_dim
-    return hf
+    return architecture(cfg.arch).config_to_hf(cfg, dtype)
 
 
 def hf_key_map(cfg: ModelConfig) -> dict[str, tuple[str, str, tuple, bool]]:
     """HF tensor name -> (module path, leaf, lnjax shape, transpose?) for every parameter of ``cfg``."""
     out = {}
-    leaves = jax.tree_util.tree_flatten_with_path(param_shapes(cfg), is_leaf=lambda x: isinstance(x, tuple))[0]
-    for path, shape in leaves:
-        parts = [str(getattr(p, "key", getattr(p, "idx", None))) for p in path]
-        module, leaf = ".".join(parts[:-1]), parts[-1]
+    for module, leaf, shape in leaf_paths(param_shapes(cfg), is_leaf=lambda x: isinstance(x, tuple)):
         transpose = leaf == "kernel" and cfg.arch != "gpt2"
         out[f"{module}.{_LEAF_TO_HF[leaf]}"] = (module, leaf, tuple(shape), transpose)
     return out
@@ -169,22 +72,9 @@ def _weight_files(path: str) -> list[str]:
     raise CheckpointError(f"{path}: no model.safetensors or model.safetensors.index.json")
 
 
-def _set_leaf(tree: dict, module: str, leaf: str, value) -> None:
-    node = tree
-    for part in module.split("."):
-        node = node[int(part)] if isinstance(node, list) else node[part]
-    node[leaf] = value
-
-
 def _empty_tree(cfg: ModelConfig) -> dict:
     """A mutable copy of the parameter structure with None leaves, filled tensor by tensor while loading."""
-    def rec(node):
-        if isinstance(node, dict):
-            return {k: rec(v) for k, v in node.items()}
-        if isinstance(node, list):
-            return [rec(v) for v in node]
-        return None
-    return rec(param_shapes(cfg))
+    return jax.tree_util.tree_map(lambda _: None, param_shapes(cfg), is_leaf=lambda x: isinstance(x, tuple))
 
 
 def _gguf_file(path: str) -> Optional[str]:
@@ -251,7 +141,7 @@ def put_tensor(tree: dict, entry: tuple, t, jdtype, where: str) -> None:
         raise CheckpointError(f"{where} has shape {tuple(t.shape)}, the config implies "
                               f"{shape[::-1] if transpose else shape}")
     t = jnp.asarray(t).astype(jdtype)
-    _set_leaf(tree, module, leaf, t.T if transpose else t)
+    get_module(tree, module)[leaf] = t.T if transpose else t
 
 
 def check_complete(path: str, expected: dict, seen: set, unexpected: list) -> None:
@@ -271,10 +161,7 @@ def save(model: Model, params: Any, out_dir: str, dtype: Optional[str] = None) -
     cfg = model.config
     tensors: dict[str, np.ndarray] = {}
     for key, (module, leaf, shape, transpose) in hf_key_map(cfg).items():
-        node = params
-        for part in module.split("."):
-            node = node[int(part)] if isinstance(node, list) else node[part]
-        arr = node[leaf]
+        arr = get_module(params, module)[leaf]
         if tuple(arr.shape) != shape:
             raise ValueError(f"parameter {module}.{leaf} has shape {tuple(arr.shape)}, expected {shape}")
         if dtype is not None:

@@ -1,8 +1,10 @@
 """Lifelong-normalization statistics: running mean / variance (and value-gradient scatter) of edit features.
 
-The statistics describe the concatenated feature ``z = [k, g]`` of width ``D = d_in + d_out`` (REFERENCE.md §4):
+The statistics describe the concatenated feature ``z = [k, g]`` of width ``D = d_in + d_out`` (docs/method.md §3):
 a count ``n``, a ``mean`` (D,) and ``m2`` (D,), the running sum of squared deviations, plus, for StableEdit's
-full whitening, ``scatter_v`` (d_out, d_out), the running scatter matrix of the value-gradient part.
+full whitening, ``scatter_v`` (d_out, d_out), the running scatter matrix of the value-gradient part, and,
+for the key-preconditioned ridge (an lnjax extension, off by default), ``scatter_k`` (d_in, d_in), the running
+scatter matrix of the keys.
 
 Every function is pure: a state goes in, a new state comes out. Sums are carried with Kahan compensation so that
 float32 statistics stay within ~1e-6 of a float64 computation after millions of rows (the plain float32 update
@@ -26,7 +28,8 @@ class LNStats:
     """Running statistics of ``z = [k, g]``; an immutable pytree.
 
     Fields: ``count`` () int32; ``mean``, ``m2`` (D,) float32 with their Kahan compensations ``mean_c``,
-    ``m2_c``; ``scatter_v`` / ``scatter_v_c`` (d_out, d_out) float32, or None when whitening is not tracked.
+    ``m2_c``; ``scatter_v`` / ``scatter_v_c`` (d_out, d_out) float32, or None when whitening is not tracked;
+    ``scatter_k`` / ``scatter_k_c`` (d_in, d_in) float32, or None when the key scatter is not tracked.
     ``d_in`` and ``d_out`` are static.
     """
 
@@ -37,6 +40,8 @@ class LNStats:
     m2_c: jax.Array
     scatter_v: Optional[jax.Array]
     scatter_v_c: Optional[jax.Array]
+    scatter_k: Optional[jax.Array]
+    scatter_k_c: Optional[jax.Array]
     d_in: int = struct.field(pytree_node=False)
     d_out: int = struct.field(pytree_node=False)
 
@@ -45,14 +50,18 @@ class LNStats:
         return self.d_in + self.d_out
 
 
-def init(d_in: int, d_out: int, track_scatter: bool = False) -> LNStats:
-    """Empty statistics for keys of width ``d_in`` and value gradients of width ``d_out``."""
+def init(d_in: int, d_out: int, track_scatter: bool = False, track_key_scatter: bool = False) -> LNStats:
+    """Empty statistics for keys of width ``d_in`` and value gradients of width ``d_out``; ``track_scatter``
+    keeps the value-gradient scatter (StableEdit), ``track_key_scatter`` the key scatter (key-preconditioned
+    ridge)."""
     # Distinct buffers for every field: a run donates its state, and one buffer may not be donated twice.
     vec = lambda: jnp.zeros((d_in + d_out,), jnp.float32)
-    mat = lambda: jnp.zeros((d_out, d_out), jnp.float32) if track_scatter else None
+    mat = lambda d, on: jnp.zeros((d, d), jnp.float32) if on else None
     return LNStats(
         count=jnp.zeros((), jnp.int32), mean=vec(), m2=vec(), mean_c=vec(), m2_c=vec(),
-        scatter_v=mat(), scatter_v_c=mat(), d_in=int(d_in), d_out=int(d_out),
+        scatter_v=mat(d_out, track_scatter), scatter_v_c=mat(d_out, track_scatter),
+        scatter_k=mat(d_in, track_key_scatter), scatter_k_c=mat(d_in, track_key_scatter),
+        d_in=int(d_in), d_out=int(d_out),
     )
 
 
@@ -64,9 +73,9 @@ def _kahan_add(total: jax.Array, comp: jax.Array, increment: jax.Array) -> tuple
 
 
 def _merge_moments(stats: LNStats, m: jax.Array, delta: jax.Array, batch_m2: jax.Array,
-                   batch_scatter_v: Optional[jax.Array]) -> LNStats:
+                   batch_scatter_v: Optional[jax.Array], batch_scatter_k: Optional[jax.Array] = None) -> LNStats:
     """Chan's parallel merge of a batch summary into ``stats``: ``m`` rows whose mean is ``mean(stats) + delta``,
-    scatter ``batch_m2`` and value scatter ``batch_scatter_v``.
+    scatter ``batch_m2``, value scatter ``batch_scatter_v`` and key scatter ``batch_scatter_k``.
 
     A batch with ``m == 0`` leaves ``stats`` bit for bit unchanged.
     """
@@ -76,18 +85,21 @@ def _merge_moments(stats: LNStats, m: jax.Array, delta: jax.Array, batch_m2: jax
     safe_n_new = jnp.maximum(n_new, 1.0)
     mean, mean_c = _kahan_add(stats.mean, stats.mean_c, mf * delta / safe_n_new)
     m2, m2_c = _kahan_add(stats.m2, stats.m2_c, batch_m2 + (n * mf / safe_n_new) * delta * delta)
-    scatter_v, scatter_v_c = stats.scatter_v, stats.scatter_v_c
-    if scatter_v is not None:
-        dv = delta[stats.d_in:]
-        inc = batch_scatter_v + (n * mf / safe_n_new) * jnp.outer(dv, dv)
-        scatter_v, scatter_v_c = _kahan_add(scatter_v, scatter_v_c, inc)
+    def scatter(total, comp, batch, d):
+        if total is None:
+            return None, None
+        return _kahan_add(total, comp, batch + (n * mf / safe_n_new) * jnp.outer(d, d))
+
+    scatter_v, scatter_v_c = scatter(stats.scatter_v, stats.scatter_v_c, batch_scatter_v, delta[stats.d_in:])
+    scatter_k, scatter_k_c = scatter(stats.scatter_k, stats.scatter_k_c, batch_scatter_k, delta[:stats.d_in])
     new = stats.replace(count=stats.count + m.astype(jnp.int32), mean=mean, m2=m2, mean_c=mean_c, m2_c=m2_c,
-                        scatter_v=scatter_v, scatter_v_c=scatter_v_c)
+                        scatter_v=scatter_v, scatter_v_c=scatter_v_c, scatter_k=scatter_k, scatter_k_c=scatter_k_c)
     return jax.tree_util.tree_map(lambda a, b: jnp.where(m > 0, a, b), new, stats)
 
 
 def batch_moments(z: jax.Array, mask: jax.Array, segment: jax.Array, num_segments: int,
-                  variance: str = "exact", d_in: int = 0, track_scatter: bool = False):
+                  variance: str = "exact", d_in: int = 0, track_scatter: bool = False,
+                  track_key_scatter: bool = False):
     """Summarise rows ``z`` [N, D] (``mask`` [N] bool, ``segment`` [N] int in [0, num_segments)) as one batch.
 
     Each segment is one reference mini-batch; merging the segments one after another with Chan's rule is,
@@ -96,8 +108,9 @@ def batch_moments(z: jax.Array, mask: jax.Array, segment: jax.Array, num_segment
     adds ``m * var_unbiased`` = ``m/(m-1)`` times each segment's scatter (a segment of one row adds 0 here,
     where the reference produces NaN); ``"exact"`` adds the true scatter (StableEdit's ddof=0 merge).
 
-    Returns ``(m, mean (D,), m2 (D,), scatter_v (d_out, d_out) or None)`` with ``scatter_v`` over columns
-    ``d_in:`` of ``z``. Callers pass rows already shifted by the running mean (see ``update``): the batch mean
+    Returns ``(m, mean (D,), m2 (D,), scatter_v (d_out, d_out) or None, scatter_k (d_in, d_in) or None)`` with
+    ``scatter_v`` over columns ``d_in:`` and ``scatter_k`` over columns ``:d_in`` of ``z``. Callers pass rows
+    already shifted by the running mean (see ``update``): the batch mean
     is then the small difference Chan's merge needs, free of the cancellation of subtracting two large means.
     """
     if variance not in VARIANCE_MODES:
@@ -118,14 +131,17 @@ def batch_moments(z: jax.Array, mask: jax.Array, segment: jax.Array, num_segment
     mean = jnp.sum(seg_sums, axis=0) / jnp.maximum(m, 1.0)
     seg_dev = (seg_means - mean) * (seg_counts > 0)[:, None]
     between = jnp.sum(seg_counts[:, None] * seg_dev * seg_dev, axis=0)
-    scatter_v = None
-    if track_scatter:
-        dv = dev[:, d_in:]
-        sv = seg_dev[:, d_in:]
+    def scatter(cols: slice, factor: jax.Array) -> jax.Array:
+        # The full-matrix analogue of ``within + between`` over the columns ``cols``.
+        dc, sc = dev[:, cols], seg_dev[:, cols]
         hp = jax.lax.Precision.HIGHEST
-        scatter_v = (jnp.matmul((dv * row_factor[:, None]).T, dv, precision=hp)
-                     + jnp.matmul((sv * seg_counts[:, None]).T, sv, precision=hp))
-    return m.astype(jnp.int32), mean, within + between, scatter_v
+        return (jnp.matmul((dc * factor[:, None]).T, dc, precision=hp)
+                + jnp.matmul((sc * seg_counts[:, None]).T, sc, precision=hp))
+
+    scatter_v = scatter(slice(d_in, None), row_factor) if track_scatter else None
+    # The key scatter is an lnjax extension with no released counterpart to mimic: always the exact scatter.
+    scatter_k = scatter(slice(0, d_in), jnp.ones_like(row_factor)) if track_key_scatter else None
+    return m.astype(jnp.int32), mean, within + between, scatter_v, scatter_k
 
 
 def update(stats: LNStats, z: jax.Array, mask: Optional[jax.Array] = None, segment: Optional[jax.Array] = None,
@@ -142,17 +158,20 @@ def update(stats: LNStats, z: jax.Array, mask: Optional[jax.Array] = None, segme
     if segment is None:
         segment = jnp.zeros(z.shape[:1], jnp.int32)
     shifted = z.astype(jnp.float32) - mean(stats)
-    m, delta, m2, scatter_v = batch_moments(shifted, mask, segment, num_segments, variance, stats.d_in,
-                                            stats.scatter_v is not None)
-    return _merge_moments(stats, m, delta, m2, scatter_v)
+    m, delta, m2, scatter_v, scatter_k = batch_moments(shifted, mask, segment, num_segments, variance, stats.d_in,
+                                                       stats.scatter_v is not None, stats.scatter_k is not None)
+    return _merge_moments(stats, m, delta, m2, scatter_v, scatter_k)
 
 
 def merge(a: LNStats, b: LNStats) -> LNStats:
     """Statistics of the union of the rows summarised by ``a`` and ``b`` (for multi-device or chunked work)."""
-    if (a.d_in, a.d_out) != (b.d_in, b.d_out) or (a.scatter_v is None) != (b.scatter_v is None):
-        raise ValueError(f"cannot merge statistics of widths {(a.d_in, a.d_out)} and {(b.d_in, b.d_out)}")
+    if ((a.d_in, a.d_out) != (b.d_in, b.d_out) or (a.scatter_v is None) != (b.scatter_v is None)
+            or (a.scatter_k is None) != (b.scatter_k is None)):
+        raise ValueError(f"cannot merge statistics of widths {(a.d_in, a.d_out)} and {(b.d_in, b.d_out)} "
+                         "(or with different scatter tracking)")
     b_sv = None if b.scatter_v is None else b.scatter_v - b.scatter_v_c
-    return _merge_moments(a, b.count, mean(b) - mean(a), b.m2 - b.m2_c, b_sv)
+    b_sk = None if b.scatter_k is None else b.scatter_k - b.scatter_k_c
+    return _merge_moments(a, b.count, mean(b) - mean(a), b.m2 - b.m2_c, b_sv, b_sk)
 
 
 def mean(stats: LNStats) -> jax.Array:
@@ -196,3 +215,16 @@ def whitening_matrix(stats: LNStats, eps0: float = 0.0, nu0: float = 0.0, floor:
 def whiten(stats: LNStats, g: jax.Array, matrix: jax.Array) -> jax.Array:
     """Whitened value gradients ``(g - mean_g) @ matrix`` for rows ``g`` [N, d_out]."""
     return jnp.matmul(g - mean(stats)[stats.d_in:], matrix, precision=jax.lax.Precision.HIGHEST)
+
+
+def key_second_moment(stats: LNStats) -> jax.Array:
+    """The keys' running uncentered second moment ``E[k kᵀ] = M2_k / n + μ_k μ_kᵀ`` (d_in, d_in) float32.
+
+    Needs statistics made with ``track_key_scatter=True``; zero while no row has been seen.
+    """
+    if stats.scatter_k is None:
+        raise ValueError("these statistics do not track the key scatter (init with track_key_scatter=True)")
+    n = jnp.maximum(stats.count.astype(jnp.float32), 1.0)
+    mu = mean(stats)[:stats.d_in]
+    moment = (stats.scatter_k - stats.scatter_k_c) / n + jnp.outer(mu, mu)
+    return jnp.where(stats.count > 0, 0.5 * (moment + moment.T), 0.0)

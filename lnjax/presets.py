@@ -1,4 +1,4 @@
-"""Edited modules and hyperparameters of the published runs (REFERENCE.md §10), per model and method.
+"""Edited modules and hyperparameters of the published runs (docs/method.md §8), per model and method.
 
     lx.presets.targets("llama3-8b", "stableedit")   # -> ["model.layers.11.mlp.down_proj", ...]
     lx.presets.get("qwen2.5-7b", "stableedit").lr   # -> 2e-6 (20K-edit runs)
@@ -10,6 +10,8 @@ weights, e.g. ``lx.models.abstract_params(lx.hf.config_from_hf(MODELS["llama3-8b
 from __future__ import annotations
 
 import dataclasses
+
+from .hparams import published
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,17 +51,18 @@ def _paths(template: str, layers) -> tuple:
 
 _gptj = "transformer.h.{}.mlp.fc_out"
 _down = "model.layers.{}.mlp.down_proj"
+# (model, method) -> edited modules; lr, alpha and warm-up come from lnjax.hparams.published.
 _PRESETS = {
-    ("gptj-6b", "ultraedit"): (_paths(_gptj, range(18, 27)), 1e-6, 1.0),
-    ("gptj-6b", "stableedit"): (_paths(_gptj, list(range(7, 16)) + list(range(18, 26))), 2e-6, 10.0),
-    ("mistral-7b-v0.3", "ultraedit"): (_paths(_down, (29, 30)), 1e-6, 1.0),
-    ("mistral-7b-v0.3", "stableedit"): (_paths(_down, range(28, 32)), 1e-6, 10.0),
-    ("llama3-8b", "ultraedit"): (_paths("model.layers.{}.mlp.gate_proj", range(11, 16))
-                                 + _paths("model.layers.{}.mlp.up_proj", range(18, 25)), 1e-6, 1.0),
-    ("llama3-8b", "stableedit"): (_paths(_down, (11, 12, 22, 23, 28, 29, 30)), 1e-6, 10.0),
-    ("qwen2.5-7b", "ultraedit"): (_paths("model.layers.{}.mlp.gate_proj", range(18, 27))
-                                  + _paths("model.layers.{}.mlp.up_proj", range(18, 27)), 1e-6, 1.0),
-    ("qwen2.5-7b", "stableedit"): (_paths(_down, list(range(8, 15)) + list(range(18, 26))), 2e-6, 10.0),
+    ("gptj-6b", "ultraedit"): _paths(_gptj, range(18, 27)),
+    ("gptj-6b", "stableedit"): _paths(_gptj, list(range(7, 16)) + list(range(18, 26))),
+    ("mistral-7b-v0.3", "ultraedit"): _paths(_down, (29, 30)),
+    ("mistral-7b-v0.3", "stableedit"): _paths(_down, range(28, 32)),
+    ("llama3-8b", "ultraedit"): _paths("model.layers.{}.mlp.gate_proj", range(11, 16))
+                                 + _paths("model.layers.{}.mlp.up_proj", range(18, 25)),
+    ("llama3-8b", "stableedit"): _paths(_down, (11, 12, 22, 23, 28, 29, 30)),
+    ("qwen2.5-7b", "ultraedit"): _paths("model.layers.{}.mlp.gate_proj", range(18, 27))
+                                  + _paths("model.layers.{}.mlp.up_proj", range(18, 27)),
+    ("qwen2.5-7b", "stableedit"): _paths(_down, list(range(8, 15)) + list(range(18, 26))),
 }
 
 
@@ -68,9 +71,8 @@ def get(model: str, method: str) -> Preset:
     key = (model, method)
     if key not in _PRESETS:
         raise ValueError(f"no preset for {key}; known: {sorted(_PRESETS)}")
-    targets, lr, alpha = _PRESETS[key]
-    return Preset(model=model, method=method, targets=targets, lr=lr, alpha=alpha,
-                  warmup_turns=20 if method == "stableedit" else 0)
+    lr, alpha, warmup_turns = published(model, method)
+    return Preset(model=model, method=method, targets=_PRESETS[key], lr=lr, alpha=alpha, warmup_turns=warmup_turns)
 
 
 def targets(model: str, method: str) -> list[str]:

@@ -13,26 +13,10 @@ from typing import Callable, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
-from flax import struct
 
+from .batching import IGNORE, TurnBatch  # noqa: F401  (TurnBatch re-exported: lnjax.probe.TurnBatch)
 from .features import Features
 from .models import get_module, with_module_leaf
-
-IGNORE = -100
-
-
-@struct.dataclass
-class TurnBatch:
-    """Padded token arrays of edits: ``input_ids``, ``attention_mask``, ``labels`` with shape [..., E, L].
-
-    Labels are aligned with logits (no shift): ``-100`` except at the supervised (answer) positions. Within a turn
-    the edits are already in the reference order (longest first), so consecutive groups of ``minibatch_size``
-    edits are the reference's mini-batches. A padded edit has no supervised position.
-    """
-
-    input_ids: jax.Array
-    attention_mask: jax.Array
-    labels: jax.Array
 
 
 class Tap:
@@ -128,6 +112,19 @@ def turn_features(apply: Callable, params, targets: Sequence[str], batch: TurnBa
         k = inputs[name].reshape(E * L, -1)[idx].astype(jnp.float32)
         g = grads[name].reshape(E * L, -1)[idx].astype(jnp.float32)
         feats[name] = Features(keys=k, value_grads=g, mask=row_mask, segment=segment, num_segments=num_seg)
+    return feats, total / used_minibatches(labels, seg_of_edit, num_seg), n_rows
+
+
+def used_minibatches(labels: jax.Array, seg_of_edit: jax.Array, num_seg: int) -> jax.Array:
+    """How many of the turn's mini-batches have any supervised position (at least 1, float32)."""
     used = jax.ops.segment_max(jnp.any(labels != IGNORE, axis=1).astype(jnp.float32), seg_of_edit, num_seg)
-    loss = total / jnp.maximum(jnp.sum(jnp.maximum(used, 0.0)), 1.0)
-    return feats, loss, n_rows
+    return jnp.maximum(jnp.sum(jnp.maximum(used, 0.0)), 1.0)
+
+
+def turn_loss(apply: Callable, params, batch: TurnBatch, *, minibatch_size: int = 10) -> tuple[jax.Array, jax.Array]:
+    """The loss ``turn_features`` reports (mean over mini-batches of their mean token cross-entropy) and the
+    number of supervised positions, from one forward pass without gradients; for editors that take no
+    features (docs/method.md §7)."""
+    weights, seg_of_edit, num_seg = minibatch_weights(batch.labels, minibatch_size)
+    ce, sup = token_log_likelihood(apply(params, batch.input_ids, batch.attention_mask), batch.labels)
+    return jnp.sum(ce * weights) / used_minibatches(batch.labels, seg_of_edit, num_seg), jnp.sum(sup)

@@ -1,42 +1,33 @@
 """The main job: sequential editing runs of several editors on the same edits, evaluated and written to disk.
 
-``run(RunConfig(...))`` is what ``lnjax run`` calls. A run directory holds ``config.json``, ``results.json``
-(``{"editors": {name: metrics}, "metadata": {...}}``), ``diagnostics.jsonl`` (one line per editor and turn) and
-PNG plots. Everything outside ``metadata`` is a deterministic function of the config.
+``run(RunConfig(...))`` is what ``lnjax run`` calls: it loads the model and the edits, runs ``edit_sequence`` per
+editor (with the ``Evaluation`` hook during the run and ``Checkpointing`` under ``checkpoint_dir``) and hands the
+results to ``lnjax.report``, which writes the run directory. Hyperparameters come from ``lnjax.hparams``, the
+resume protocol (``done.json``, the saved config) from ``lnjax.checkpoint``. Everything outside ``metadata`` is a
+deterministic function of the config.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
-import platform
 import time
 from typing import Callable, Optional
 
 import jax
 import numpy as np
 
+from . import checkpoint
 from . import data as data_lib
 from . import editors as editors_lib
 from . import eval as eval_lib
-from . import hf, world_model
-from .batching import pack_turns
-from .models import get_module
-from .sequence import edit_sequence, join
+from . import hf, hparams, report, world_model
+from .batching import pack_turns, probe_length
+from .hparams import WORLD_HPARAMS  # noqa: F401  (lnjax.run.WORLD_HPARAMS, as before)
+from .report import format_table  # noqa: F401  (lnjax.run.format_table, as before)
+from .sequence import Evaluation, edit_sequence
 from .world import default_world
 
-# Hyperparameters for the embedded world, from experiments/tune_world.py on seed-1 edits (20 turns of 100):
-# each editor at the learning rate where locality vs the unedited model falls to about 0.67, so the editors are
-# compared at equal damage. On this world none of them writes the edits well: experiments/REPORT.md gives the
-# frontier and the measured reason (the small model's keys have too low an effective dimension).
-WORLD_HPARAMS = {
-    "stableedit": {"lr": 3e-2, "alpha": 10.0},
-    "stableedit_algorithm1": {"lr": 3e-2, "alpha": 10.0},
-    "ultraedit": {"lr": 1e-2, "alpha": 1.0},
-    "no_normalization": {"lr": 3.0, "alpha": 1.0},
-    "per_turn_normalization": {"lr": 1e-2, "alpha": 1.0},
-}
 DEFAULT_EDITORS = ("stableedit", "ultraedit", "no_normalization")
 
 
@@ -70,17 +61,15 @@ class RunConfig:
     def to_json(self) -> dict:
         return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(self).items()}
 
-
-def _uses_warmup(name: str) -> bool:
-    return name.startswith("stableedit")
-
-
-def _is_world_model_dir(path: str) -> bool:
-    return os.path.isdir(os.path.join(path, "params")) and os.path.exists(os.path.join(path, "report.json"))
+    @classmethod
+    def from_json(cls, saved: dict) -> "RunConfig":
+        """The config ``to_json`` wrote (lists back to tuples; unknown keys ignored)."""
+        fields = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in saved.items() if k in fields})
 
 
 def _load_model(cfg: RunConfig):
-    if cfg.model is None or _is_world_model_dir(cfg.model):
+    if cfg.model is None or world_model.is_model_dir(cfg.model):
         model = world_model.load(cfg.model or world_model.ASSET_DIR)
         return model, default_world().tokenizer(), tuple(cfg.targets or world_model.DEFAULT_TARGETS)
     from . import builtin_models
@@ -92,7 +81,7 @@ def _load_model(cfg: RunConfig):
     return hf.load(cfg.model, cfg.dtype), hf.load_tokenizer(cfg.model), tuple(cfg.targets)
 
 
-def _load_records(cfg: RunConfig, n: int, n_warm: int, report: data_lib.ReadReport):
+def _load_records(cfg: RunConfig, n: int, n_warm: int, read_report: data_lib.ReadReport):
     if cfg.dataset == "world":
         w = default_world()
         edits = data_lib.records_from_dicts("zsre", w.records("edit", n, seed=cfg.seed), "world:edit")
@@ -105,34 +94,110 @@ def _load_records(cfg: RunConfig, n: int, n_warm: int, report: data_lib.ReadRepo
                 facts.edit_records("train", n_warm, seed=cfg.seed) if n_warm else [])
     if cfg.data is None:
         raise ValueError(f"--data PATH is required for --dataset {cfg.dataset}")
-    edits = data_lib.read(cfg.dataset, cfg.data, n, seed=cfg.seed, skip_bad_rows=cfg.skip_bad_rows, report=report)
+    edits = data_lib.read(cfg.dataset, cfg.data, n, seed=cfg.seed, skip_bad_rows=cfg.skip_bad_rows, report=read_report)
     warm = []
     if n_warm:
         if cfg.train_data is None:
             raise ValueError("warm-up turns need --train-data (the dataset's training split), or --warmup-turns 0")
         warm = data_lib.read(cfg.dataset, cfg.train_data, n_warm, seed=cfg.seed, skip_bad_rows=cfg.skip_bad_rows,
-                             report=report)
+                             report=read_report)
     return edits, warm
 
 
 def editor_settings(name: str, cfg: RunConfig) -> dict:
-    """What ``run`` uses for editor ``name`` under ``cfg``: ``lr`` and ``alpha`` (the flag, else the world's tuned
-    value on the world dataset, else a built-in model's (``lnjax.builtin_models``), else None = the editor's own
-    default) and ``warmup_turns`` (the flag, else
-    ``turns // 10`` (at least 1) for StableEdit editors and 0 for the others)."""
-    from .builtin_models import hparams
-    defaults = WORLD_HPARAMS.get(name, {}) if cfg.dataset == "world" else hparams(cfg.model, name)
-    warm = cfg.warmup_turns if cfg.warmup_turns is not None else (max(1, cfg.turns // 10) if _uses_warmup(name)
-                                                                  else 0)
-    return {"lr": cfg.lr if cfg.lr is not None else defaults.get("lr"),
-            "alpha": cfg.alpha if cfg.alpha is not None else defaults.get("alpha"), "warmup_turns": warm}
+    """What ``run`` uses for editor ``name`` under ``cfg``: ``lnjax.hparams.resolve`` of its flags (with a
+    built-in model's defaults, ``lnjax.builtin_models``)."""
+    return hparams.resolve(name, dataset=cfg.dataset, turns=cfg.turns, lr=cfg.lr, alpha=cfg.alpha,
+                           warmup_turns=cfg.warmup_turns, model=cfg.model)
 
 
 def _editor(name: str, cfg: RunConfig):
     settings = editor_settings(name, cfg)
-    kwargs = {k: settings[k] for k in ("lr", "alpha") if settings[k] is not None}
-    kwargs.update(cfg.editor_options or {})
+    kwargs = {"lr": settings["lr"], "alpha": settings["alpha"], **(cfg.editor_options or {})}
     return editors_lib.get(name, **kwargs)
+
+
+
+@dataclasses.dataclass
+class Job:
+    """The edits of a run, shared by its editors: packed edit turns (``batches``, probe ``length``), tokenized
+    warm-up records, the evaluation set with the unedited model's locality predictions, each edit's turn,
+    each editor's warm-up turns and the reader's report."""
+
+    batches: object
+    length: int
+    warm_tok: list
+    eval_set: eval_lib.EvalSet
+    base_loc: np.ndarray
+    turn_of_example: np.ndarray
+    warm_turns: dict
+    read_report: data_lib.ReadReport
+
+
+def prepare_job(cfg: RunConfig, model, tok) -> Job:
+    """Read, tokenize and pack the edits of ``cfg`` (and the warm-up records its editors need)."""
+    n = cfg.turns * cfg.edits_per_turn
+    warm_turns = {name: editor_settings(name, cfg)["warmup_turns"] for name in cfg.editors}
+    n_warm = max(warm_turns.values(), default=0) * cfg.edits_per_turn
+    read_report = data_lib.ReadReport()
+    records, warm_records = _load_records(cfg, n, n_warm, read_report)
+    opts = dict(skip_bad_rows=cfg.skip_bad_rows, report=read_report)
+    tokenized = data_lib.tokenize(records, tok, cfg.max_length, **opts)
+    warm_tok = data_lib.tokenize(warm_records, tok, cfg.max_length, **opts)
+    if len(tokenized) < n:
+        raise ValueError(f"only {len(tokenized)} of {n} edits are usable ({len(read_report.skipped)} skipped)")
+    length = max(probe_length(*r.edit) for r in tokenized + warm_tok)
+    batches, _ = pack_turns([r.edit for r in tokenized], cfg.edits_per_turn, length)
+    eval_set = eval_lib.build_eval_set(tokenized)
+    return Job(batches=batches, length=length, warm_tok=warm_tok, eval_set=eval_set,
+               base_loc=eval_lib.base_predictions(model.apply, model.params, eval_set),
+               turn_of_example=np.repeat(np.arange(cfg.turns), cfg.edits_per_turn), warm_turns=warm_turns,
+               read_report=read_report)
+
+
+def during_run_metrics(cfg: RunConfig, model, job: Job) -> Callable:
+    """The ``Evaluation`` hook's function of ``lnjax run``: teacher-forced metrics, locality vs the unedited model
+    and retention per turn, on the edits applied so far."""
+
+    def evaluate(params, applied: int) -> dict:
+        n = applied * cfg.edits_per_turn
+        sub = job.eval_set.subset(np.arange(n))
+        m = eval_lib.evaluate(model.apply, params, sub, job.base_loc[:n], ("teacher_forced", "locality_vs_unedited"),
+                              per_example=True)
+        ret = eval_lib.retention_by_turn(m["per_example"]["teacher_forced.efficacy"], job.turn_of_example[:n],
+                                         cfg.turns)
+        return {"edits": n, "turns": applied, "teacher_forced": m["teacher_forced"],
+                "locality_vs_unedited": m["locality_vs_unedited"],
+                "retention_by_turn": [None if np.isnan(x) else float(x) for x in ret[:applied]]}
+
+    return evaluate
+
+
+def run_editor(name: str, cfg: RunConfig, model, targets: tuple, job: Job, *, checkpoint_dir: Optional[str] = None,
+               resume: bool = False, **options) -> tuple[dict, dict, list]:
+    """One editor's run on ``job``: ``(metrics, timings, diagnostics lines)``. ``options`` go to
+    ``edit_sequence`` (``progress``, ``on_nonfinite``, ``log``, ``mesh``)."""
+    r = job.warm_turns[name]
+    warm = pack_turns([t.edit for t in job.warm_tok[:r * cfg.edits_per_turn]], cfg.edits_per_turn,
+                      job.length)[0] if r else None
+    hooks = [Evaluation(during_run_metrics(cfg, model, job))] if cfg.eval_every > 0 else []
+    host = {"curve": []}
+    t0 = time.time()
+    res = edit_sequence(model, _editor(name, cfg), job.batches, targets, warmup=warm, warmup_at=cfg.warmup_at,
+                        chunk=cfg.eval_every if cfg.eval_every > 0 else cfg.chunk, minibatch_size=cfg.minibatch_size,
+                        track_accuracy=True, hooks=hooks, checkpoint_dir=checkpoint_dir, resume=resume,
+                        host_state=host, run_config=cfg.to_json(), **options)
+    jax.block_until_ready(res.params)
+    t_edit = time.time() - t0
+    metrics = eval_lib.evaluate(model.apply, res.params, job.eval_set, job.base_loc, _protocols(cfg))
+    metrics["during_run"] = host["curve"]
+    metrics["rejected_turns"] = int(res.editor_state.rejected)
+    timings = {"edit_seconds": t_edit, "eval_seconds": time.time() - t0 - t_edit}
+    return metrics, timings, report.diagnostics_lines(name, res.diagnostics, targets)
+
+
+def _protocols(cfg: RunConfig) -> tuple:
+    return ("teacher_forced", "locality_vs_unedited") + (("generation_exact_match",) if cfg.generation else ())
 
 
 def run(cfg: RunConfig, out_dir: Optional[str] = None, log: Callable[[str], None] = print,
@@ -141,9 +206,9 @@ def run(cfg: RunConfig, out_dir: Optional[str] = None, log: Callable[[str], None
     """Run every editor of ``cfg`` on the same edits; returns the results dict (also written to ``out_dir``).
 
     With ``checkpoint_dir`` each editor's run is checkpointed after every chunk under ``checkpoint_dir/<editor>``
-    and a finished editor leaves ``done.json`` there; ``resume=True`` skips finished editors and continues the
-    interrupted one, so the outputs equal an uninterrupted run's except under ``metadata``. ``mesh`` (e.g.
-    ``"data=2,model=4"``) runs the edits sharded over devices (``lnjax.sharding``).
+    and a finished editor leaves ``done.json`` there (``lnjax.checkpoint``); ``resume=True`` skips finished
+    editors and continues the interrupted one, so the outputs equal an uninterrupted run's except under
+    ``metadata``. ``mesh`` (e.g. ``"data=2,model=4"``) runs the edits sharded over devices (``lnjax.sharding``).
     """
     t_start = time.time()
     model, tok, targets = _load_model(cfg)
@@ -151,106 +216,38 @@ def run(cfg: RunConfig, out_dir: Optional[str] = None, log: Callable[[str], None
     if mesh:
         from .sharding import make_mesh
         device_mesh = make_mesh(mesh)
-    n = cfg.turns * cfg.edits_per_turn
-    warm_turns = {name: editor_settings(name, cfg)["warmup_turns"] for name in cfg.editors}
-    n_warm = max(warm_turns.values(), default=0) * cfg.edits_per_turn
-    report = data_lib.ReadReport()
-    records, warm_records = _load_records(cfg, n, n_warm, report)
-    if report.layout:
-        log(f"{cfg.data}: read as {cfg.dataset} in the {report.layout} layout")
-    tokenized = data_lib.tokenize(records, tok, cfg.max_length, skip_bad_rows=cfg.skip_bad_rows, report=report)
-    warm_tok = data_lib.tokenize(warm_records, tok, cfg.max_length, skip_bad_rows=cfg.skip_bad_rows, report=report)
-    if len(tokenized) < n:
-        raise ValueError(f"only {len(tokenized)} of {n} edits are usable ({len(report.skipped)} skipped)")
-    length = max(len(p) + len(a) - 1 for r in tokenized + warm_tok for p, a in [r.edit])
-    batches, order = pack_turns([r.edit for r in tokenized], cfg.edits_per_turn, length)
-    turn_of_example = np.repeat(np.arange(cfg.turns), cfg.edits_per_turn)
-    eval_set = eval_lib.build_eval_set(tokenized)
-    base_loc = eval_lib.base_predictions(model.apply, model.params, eval_set)
-    protocols = ("teacher_forced", "locality_vs_unedited") + (("generation_exact_match",) if cfg.generation else ())
+    job = prepare_job(cfg, model, tok)
+    if job.read_report.layout:
+        log(f"{cfg.data}: read as {cfg.dataset} in the {job.read_report.layout} layout")
     results: dict = {"editors": {}, "metadata": {}}
-    results["unedited"] = eval_lib.evaluate(model.apply, model.params, eval_set, base_loc, protocols)
+    results["unedited"] = eval_lib.evaluate(model.apply, model.params, job.eval_set, job.base_loc, _protocols(cfg))
     diag_lines: list[dict] = []
     timings = {}
-    chunk = cfg.eval_every if cfg.eval_every > 0 else cfg.chunk
     if checkpoint_dir:
-        os.makedirs(checkpoint_dir, exist_ok=True)
-        with open(os.path.join(checkpoint_dir, "config.json"), "w") as f:
-            json.dump(cfg.to_json(), f, indent=2)
+        checkpoint.save_run_config(checkpoint_dir, cfg.to_json())
     for name in cfg.editors:
         ck_dir = os.path.join(checkpoint_dir, name) if checkpoint_dir else None
-        done_file = os.path.join(ck_dir, "done.json") if ck_dir else None
-        if resume and done_file and os.path.exists(done_file):
-            with open(done_file) as f:
-                done = json.load(f)
+        done = checkpoint.finished(ck_dir) if resume else None
+        if done is not None:
             results["editors"][name], timings[name] = done["metrics"], done["timings"]
             diag_lines.extend(done["diagnostics"])
-            log(f"{name}: finished before the interruption; results taken from {done_file}")
+            log(f"{name}: finished before the interruption; results taken from {ck_dir}/{checkpoint.DONE_FILE}")
             continue
-        editor = _editor(name, cfg)
-        r = warm_turns[name]
-        warm = pack_turns([t.edit for t in warm_tok[:r * cfg.edits_per_turn]], cfg.edits_per_turn, length)[0] \
-            if r else None
-        host = {"curve": []}
-        target_turn = _target_turns(cfg, r)
-
-        def on_chunk(done, carry, diag, target_turn=target_turn, host=host):
-            applied = int(np.sum(target_turn[:done] >= 0))
-            if cfg.eval_every <= 0 or applied == 0:
-                return
-            params = join(model.params, carry.kernels)
-            sub = eval_set.subset(np.arange(applied * cfg.edits_per_turn))
-            m = eval_lib.evaluate(model.apply, params, sub, base_loc[:len(sub.pairs["edit"])],
-                                  ("teacher_forced", "locality_vs_unedited"), per_example=True)
-            ret = eval_lib.retention_by_turn(m["per_example"]["teacher_forced.efficacy"],
-                                             turn_of_example[:applied * cfg.edits_per_turn], cfg.turns)
-            host["curve"].append({"edits": applied * cfg.edits_per_turn, "turns": applied,
-                          "teacher_forced": m["teacher_forced"], "locality_vs_unedited": m["locality_vs_unedited"],
-                          "retention_by_turn": [None if np.isnan(x) else float(x) for x in ret[:applied]]})
-
-        t0 = time.time()
-        res = edit_sequence(model, editor, batches, targets, warmup=warm, warmup_at=cfg.warmup_at, chunk=chunk,
-                            minibatch_size=cfg.minibatch_size, track_accuracy=True, progress=progress,
-                            callback=on_chunk, checkpoint_dir=ck_dir, resume=resume, host_state=host,
-                            run_config=cfg.to_json(), on_nonfinite=on_nonfinite, log=log, mesh=device_mesh)
-        jax.block_until_ready(res.params)
-        t_edit = time.time() - t0
-        metrics = eval_lib.evaluate(model.apply, res.params, eval_set, base_loc, protocols)
-        metrics["during_run"] = host["curve"]
-        metrics["rejected_turns"] = int(res.editor_state.rejected)
+        metrics, timings[name], lines = run_editor(name, cfg, model, targets, job, checkpoint_dir=ck_dir,
+                                                   resume=resume, progress=progress, on_nonfinite=on_nonfinite,
+                                                   log=log, mesh=device_mesh)
         results["editors"][name] = metrics
-        timings[name] = {"edit_seconds": t_edit, "eval_seconds": time.time() - t0 - t_edit}
-        d = res.diagnostics
-        lines = []
-        for i in range(len(d["loss"])):
-            lines.append({
-                "editor": name, "turn": i, "target_turn": int(d["target_turn"][i]), "warmup": bool(d["warmup"][i]),
-                "loss": float(d["loss"][i]), "rows": int(d["rows"][i]), "accuracy": float(d["accuracy"][i]),
-                "delta_norm": {t: float(x) for t, x in zip(targets, d["delta_norm"][i])},
-                "cosine": {t: float(x) for t, x in zip(targets, d["cosine"][i])},
-                "count": [int(x) for x in d["count"][i]], "rejected": int(d["rejected"][i]),
-            })
         diag_lines.extend(lines)
-        if done_file:
-            with open(done_file, "w") as f:
-                json.dump({"metrics": metrics, "timings": timings[name], "diagnostics": lines}, f)
-        log(f"{name}: edited {n} facts in {t_edit:.1f}s")
-    rows_edited = int((np.asarray(batches.labels) != -100).sum())
-    d_in_total = sum(int(get_module(model.params, t)["kernel"].shape[0]) for t in targets)
-    results["metadata"] = {
-        "edits": n, "turns": cfg.turns, "edits_per_turn": cfg.edits_per_turn, "targets": list(targets),
-        "warmup_turns": warm_turns, "rows_edited": rows_edited, "sum_d_in": d_in_total,
-        "rows_per_key_dim": rows_edited / d_in_total,
-        "edited_fraction_of_world_facts": (n / default_world().n_facts) if cfg.dataset == "world" else None,
-        "data_packages": _data_packages(cfg), "data_layout": report.layout, "skipped_rows": report.skipped, "timings": timings, "total_seconds": time.time() - t_start,
-        "host": {"platform": platform.platform(), "python": platform.python_version(), "jax": jax.__version__,
-                 "devices": [str(x) for x in jax.devices()]},
-        "protocols": {"teacher_forced": "argmax token accuracy on answer positions, mean over examples",
-                      "locality_vs_unedited": "argmax agreement with the unedited model on locality prompts",
-                      "generation_exact_match": "greedy generation of len(answer) tokens equals the answer"},
-    }
+        if ck_dir:
+            checkpoint.mark_finished(ck_dir, {"metrics": metrics, "timings": timings[name], "diagnostics": lines})
+        log(f"{name}: edited {cfg.turns * cfg.edits_per_turn} facts in {timings[name]['edit_seconds']:.1f}s")
+    results["metadata"] = report.metadata(
+        cfg.to_json(), params=model.params, targets=targets, edit_labels=job.batches.labels,
+        warmup_turns=job.warm_turns, skipped=job.read_report.skipped, timings=timings,
+        total_seconds=time.time() - t_start, world_facts=default_world().n_facts if cfg.dataset == "world" else None)
+    results["metadata"].update(data_packages=_data_packages(cfg), data_layout=job.read_report.layout)
     if out_dir:
-        write_run_dir(out_dir, cfg, results, diag_lines)
+        report.write_run_dir(out_dir, cfg.to_json(), results, diag_lines)
     return results
 
 
@@ -260,41 +257,3 @@ def _data_packages(cfg: RunConfig) -> Optional[dict]:
         return None
     from . import facts
     return facts.versions()
-
-
-def _target_turns(cfg: RunConfig, warm: int) -> np.ndarray:
-    from .sequence import schedule_indices
-    return schedule_indices(cfg.turns, warm, cfg.warmup_at)[1]
-
-
-def write_run_dir(out_dir: str, cfg: RunConfig, results: dict, diag_lines: list[dict]) -> None:
-    """Write ``config.json``, ``results.json``, ``diagnostics.jsonl`` and the plots into ``out_dir``."""
-    if jax.process_index() != 0:  # multi-host: every process computes the same results; one writes them
-        return
-    os.makedirs(out_dir, exist_ok=True)
-    with open(os.path.join(out_dir, "config.json"), "w") as f:
-        json.dump(cfg.to_json(), f, indent=2)
-    with open(os.path.join(out_dir, "results.json"), "w") as f:
-        json.dump(results, f, indent=2)
-    with open(os.path.join(out_dir, "diagnostics.jsonl"), "w") as f:
-        for line in diag_lines:
-            f.write(json.dumps(line) + "\n")
-    from .plots import plot_run
-    plot_run(out_dir, results, diag_lines)
-
-
-def format_table(results: dict) -> str:
-    """A plain-text table of the headline metrics per editor."""
-    head = f"{'editor':<24}{'ES':>8}{'GS':>8}{'LS':>8}{'loc~base':>10}{'gen ES':>8}{'gen GS':>8}"
-    lines = ["teacher-forced ES/GS/LS; loc~base = locality vs unedited model; gen = greedy exact match", head,
-             "-" * len(head)]
-    rows = [("(unedited)", results.get("unedited"))] + list(results["editors"].items())
-    for name, m in rows:
-        if not m:
-            continue
-        tf = m["teacher_forced"]
-        gen = m.get("generation_exact_match", {})
-        lines.append(f"{name:<24}{tf['efficacy']:>8.3f}{tf['generalization']:>8.3f}{tf['specificity']:>8.3f}"
-                     f"{m['locality_vs_unedited']:>10.3f}{gen.get('efficacy', float('nan')):>8.3f}"
-                     f"{gen.get('generalization', float('nan')):>8.3f}")
-    return "\n".join(lines)

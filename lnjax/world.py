@@ -228,8 +228,3 @@ def default_world(seed: int = 0) -> World:
     """The embedded default world (``WorldSpec(seed=seed)``)."""
     return World(WorldSpec(seed=seed))
 
-
-def default_model():
-    """The shipped model pretrained on ``default_world()`` (see ``lnjax.world_model``)."""
-    from .world_model import default_model as _load
-    return _load()

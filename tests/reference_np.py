@@ -1,4 +1,4 @@
-"""An independent float64 NumPy transcription of REFERENCE.md §4-6 (UltraEdit / StableEdit), for parity tests.
+"""An independent float64 NumPy transcription of docs/method.md §3-5 (UltraEdit / StableEdit), for parity tests.
 
 Deliberately naive: statistics are merged one (mini-batch, module) at a time, exactly in the order the released
 code does, and the ridge solve uses the primal form.
@@ -16,11 +16,13 @@ class RefStats:
         self.mean = np.zeros(d_in + d_out)
         self.m2 = np.zeros(d_in + d_out)
         self.scatter_v = np.zeros((d_out, d_out))
+        self.kk = np.zeros((d_in, d_in))   # plain running sum of k kᵀ (for the key-metric extension)
 
     def update(self, x):
         m = x.shape[0]
         if m == 0:
             return
+        self.kk = self.kk + x[:, :self.d_in].T @ x[:, :self.d_in]
         bm = x.mean(0)
         if self.ddof == 1 and m == 1:
             bvar = np.zeros_like(bm)  # the released code gives NaN here; lnjax documents 0
@@ -42,10 +44,11 @@ class RefStats:
         return (z - self.mean) / (std + F32_EPS)
 
 
-def ref_turn(stats, feats, order, lr, alpha, whiten, warmup=False, eps0=0.0, nu0=0.0):
+def ref_turn(stats, feats, order, lr, alpha, whiten, warmup=False, eps0=0.0, nu0=0.0, key_prior=None):
     """One turn. stats: group -> RefStats; feats: name -> (K, G, mask, segment, group) float64 arrays.
 
-    ``order``: the target names in module order. Returns name -> ΔW (float64).
+    ``order``: the target names in module order. With ``key_prior`` the ridge penalty is ``α tr(ΔWᵀ A ΔW)`` with
+    ``A = Σkkᵀ/n + key_prior·mean(diag)·I`` over every key seen so far. Returns name -> ΔW (float64).
     """
     num_seg = max(int(f[3].max()) + 1 for f in feats.values())
     for s in range(num_seg):
@@ -66,5 +69,10 @@ def ref_turn(stats, feats, order, lr, alpha, whiten, warmup=False, eps0=0.0, nu0
             W = U @ np.diag(1.0 / np.sqrt(np.maximum(lam, 1e-6))) @ U.T
             g_hat = (G - st.mean[st.d_in:]) @ W
         V = -lr * np.sum(k_hat ** 2, axis=1, keepdims=True) * g_hat
-        out[name] = np.linalg.solve(K.T @ K + alpha * np.eye(K.shape[1]), K.T @ V)
+        if key_prior is None:
+            penalty = np.eye(K.shape[1])
+        else:
+            moment = st.kk / st.n
+            penalty = moment + key_prior * np.mean(np.diag(moment)) * np.eye(st.d_in)
+        out[name] = np.linalg.solve(K.T @ K + alpha * penalty, K.T @ V)
     return out

@@ -44,6 +44,37 @@ def test_parity_with_float64_reference_over_50_turns(kind):
     assert int(state.turns) == 50 and int(state.rejected) == 0
 
 
+@pytest.mark.parametrize("kind", ["ultraedit", "stableedit"])
+def test_key_metric_extension_matches_float64_reference(kind):
+    rng = np.random.default_rng(7)
+    make = getattr(lx.editors, kind)
+    alpha, ddof, whiten = (1.0, 1, False) if kind == "ultraedit" else (10.0, 0, True)
+    ed = make(lr=1e-2, alpha=alpha, key_metric="second_moment", key_prior=0.05)
+    state = ed.init({"a": (D_IN, D_OUT), "b": (D_IN, D_OUT)})
+    ref = {f"{D_IN}x{D_OUT}": RefStats(D_IN, D_OUT, ddof)}
+    update = jax.jit(ed.update)
+    for _ in range(15):
+        feats, rf = _turn(rng)
+        deltas, state = update(feats, state)
+        expected = ref_turn(ref, rf, ["a", "b"], 1e-2, alpha, whiten, key_prior=0.05)
+        for name in "ab":
+            err = np.abs(np.asarray(deltas[name]) - expected[name]).max() / np.abs(expected[name]).max()
+            assert err < 1e-4, (name, err)
+    # without LN the statistics are kept for the metric only: the values are the raw formula's
+    feats, rf = _turn(rng, names=("a",), num_seg=1)
+    K, G, mask, _, _ = rf["a"]
+    d, st = lx.editors.no_normalization(lr=1e-3, alpha=2.0, key_metric="second_moment", key_prior=0.05).update(
+        {"a": feats["a"]}, lx.editors.no_normalization(key_metric="second_moment").init({"a": (D_IN, D_OUT)}))
+    Km, Gm = K[mask], G[mask]
+    A = Km.T @ Km / len(Km)
+    A = A + 0.05 * np.mean(np.diag(A)) * np.eye(D_IN)
+    V = -1e-3 * np.sum(Km ** 2, 1, keepdims=True) * Gm
+    expected = np.linalg.solve(Km.T @ Km + 2.0 * A, Km.T @ V)
+    np.testing.assert_allclose(np.asarray(d["a"]), expected, rtol=1e-3, atol=1e-4 * np.abs(expected).max())
+    with pytest.raises(ValueError, match="key_metric"):
+        lx.editors.ultraedit(key_metric="full")
+
+
 def test_stableedit_warmup_is_diagonal_and_per_target_pooling():
     rng = np.random.default_rng(1)
     ed = lx.editors.stableedit(lr=1e-2, pooling="target")

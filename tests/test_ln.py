@@ -110,3 +110,28 @@ def test_shape_errors_are_clear():
         ln.merge(ln.init(2, 3), ln.init(3, 2))
     with pytest.raises(ValueError, match="track the value-gradient scatter"):
         ln.whitening_matrix(ln.init(2, 3))
+
+
+def test_key_second_moment_matches_float64_over_masked_ragged_batches():
+    rng = np.random.default_rng(5)
+    d_in, d_out = 6, 3
+    st = ln.init(d_in, d_out, track_key_scatter=True)
+    kept = []
+    for _ in range(12):
+        z = _rows(rng, 25, d_in + d_out, loc=4.0)
+        mask = rng.random(25) > 0.3
+        seg = np.sort(rng.integers(0, 3, 25)).astype(np.int32)
+        st = ln.update(st, jnp.asarray(z), jnp.asarray(mask), jnp.asarray(seg), 3, "exact")
+        kept.append(z[mask, :d_in].astype(np.float64))
+    k = np.concatenate(kept)
+    np.testing.assert_allclose(np.asarray(ln.key_second_moment(st)), k.T @ k / len(k), rtol=1e-5, atol=1e-5)
+    assert st.scatter_v is None
+    with pytest.raises(ValueError, match="key scatter"):
+        ln.key_second_moment(ln.init(d_in, d_out))
+    # merging two halves tracks the key scatter too
+    a = ln.update(ln.init(d_in, d_out, track_key_scatter=True), jnp.asarray(_rows(rng, 30, 9)))
+    b = ln.update(ln.init(d_in, d_out, track_key_scatter=True), jnp.asarray(_rows(rng, 40, 9, loc=-2.0)))
+    both = ln.merge(a, b)
+    np.testing.assert_allclose(np.asarray(ln.key_second_moment(both)),
+                               (int(a.count) * np.asarray(ln.key_second_moment(a))
+                                + int(b.count) * np.asarray(ln.key_second_moment(b))) / 70, rtol=1e-5, atol=1e-5)

@@ -39,3 +39,23 @@ def test_auto_method_and_errors():
         ridge_shift(jnp.ones((2, 3)), jnp.ones((2, 1)), 1.0, method="cg")
     with pytest.raises(ValueError, match=r"\[N, d_in\]"):
         ridge_shift(jnp.ones((2, 3)), jnp.ones((3, 1)), 1.0)
+
+
+@pytest.mark.parametrize("n,d_in", [(12, 40), (60, 20)])
+def test_metric_ridge_equals_float64_in_both_forms(n, d_in):
+    rng = np.random.default_rng(3)
+    K = (rng.normal(size=(n, d_in)) + 1.0).astype(np.float32)
+    V = rng.normal(size=(n, 5)).astype(np.float32)
+    B = rng.normal(size=(3 * d_in, d_in))
+    A = (B.T @ B / len(B) + 0.05 * np.eye(d_in)).astype(np.float32)
+    mask = rng.random(n) > 0.2
+    Km, Vm = K[mask].astype(np.float64), V[mask].astype(np.float64)
+    ref = np.linalg.solve(Km.T @ Km + 2.0 * A.astype(np.float64), Km.T @ Vm)
+    for method in ("primal", "dual"):
+        got = np.asarray(ridge_shift(K, V, 2.0, mask, method, metric=A))
+        assert np.abs(got - ref).max() / np.abs(ref).max() < 1e-4, method
+    # the identity metric is the published ridge, bit for bit in the primal form
+    np.testing.assert_array_equal(np.asarray(ridge_primal(K, V, 2.0, mask, np.eye(d_in, dtype=np.float32))),
+                                  np.asarray(ridge_primal(K, V, 2.0, mask)))
+    with pytest.raises(ValueError, match="metric"):
+        ridge_shift(K, V, 2.0, mask, metric=np.eye(d_in + 1, dtype=np.float32))

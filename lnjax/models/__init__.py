@@ -41,6 +41,14 @@ def apply_fn(cfg: ModelConfig) -> Callable:
     return functools.partial(_MODULES[cfg.arch].apply, cfg=cfg)
 
 
+def architecture(arch: str):
+    """The module implementing architecture ``arch`` (``param_shapes``, ``apply``, ``config_from_hf``,
+    ``config_to_hf``); ValueError for an unknown one."""
+    if arch not in _MODULES:
+        raise ValueError(f"unknown architecture {arch!r}; supported: {ARCHITECTURES}")
+    return _MODULES[arch]
+
+
 def param_shapes(cfg: ModelConfig) -> dict:
     """Nested dict of parameter shapes (tuples) for ``cfg``."""
     return _MODULES[cfg.arch].param_shapes(cfg)
@@ -86,6 +94,16 @@ def get_module(params: Any, path: str) -> Any:
     return node
 
 
+def leaf_paths(tree: Any, is_leaf: Optional[Callable] = None) -> list[tuple[str, str, Any]]:
+    """``(module path, leaf name, value)`` of every leaf of a nested params-like tree, in flattening order
+    (``("model.layers.0.mlp.down_proj", "kernel", x)``); ``is_leaf`` as in ``jax.tree_util``."""
+    out = []
+    for path, value in jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_leaf)[0]:
+        parts = [str(getattr(p, "key", getattr(p, "idx", None))) for p in path]
+        out.append((".".join(parts[:-1]), parts[-1], value))
+    return out
+
+
 def with_module_leaf(params: Any, path: str, leaf: str, value: Any) -> Any:
     """A copy of ``params`` with ``params[path][leaf] = value`` (only the containers on the path are copied)."""
     parts = split_path(path) + [leaf]
@@ -105,5 +123,5 @@ def with_module_leaf(params: Any, path: str, leaf: str, value: Any) -> Any:
     return rec(params, 0)
 
 
-__all__ = ["ARCHITECTURES", "Model", "ModelConfig", "abstract_params", "apply_fn", "get_module", "init_params",
-           "linear", "param_shapes", "split_path", "with_module_leaf"]
+__all__ = ["ARCHITECTURES", "Model", "ModelConfig", "abstract_params", "apply_fn", "architecture", "get_module",
+           "init_params", "leaf_paths", "linear", "param_shapes", "split_path", "with_module_leaf"]

@@ -1,9 +1,14 @@
-"""One frozen configuration type for every supported decoder architecture."""
+"""One frozen configuration type for every supported decoder architecture, and the HF ``config.json`` fields
+every architecture shares (each architecture's own mapping sits next to its model: ``llama.py``, ``gpt2.py``,
+``gptj.py``)."""
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional
+from typing import Any, Optional
+
+from ..checkpoint import CheckpointError
+from .layers import ACTIVATIONS
 
 ARCHITECTURES = ("llama", "mistral", "qwen2", "gpt2", "gptj")
 
@@ -55,3 +60,30 @@ class ModelConfig:
 
     def rope_scaling_dict(self) -> Optional[dict]:
         return None if self.rope_scaling is None else dict(self.rope_scaling)
+
+
+def refuse(where: str, option: str, value: Any, why: str) -> None:
+    """Raise CheckpointError for an HF config option lnjax does not implement (never silently ignored)."""
+    raise CheckpointError(f"{where}: unsupported config option {option}={value!r} ({why})")
+
+
+def hf_activation(hf: dict, key: str, where: str, default: str) -> str:
+    """The activation named by HF config field ``key`` (``default`` when absent), refused when unknown."""
+    act = hf.get(key) or default
+    if act not in ACTIVATIONS:
+        refuse(where, key, act, f"supported: {sorted(ACTIVATIONS)}")
+    return act
+
+
+def hf_common(hf: dict) -> dict:
+    """The ModelConfig fields every architecture reads alike: vocabulary size and BOS/EOS ids (the first EOS when
+    a list is given)."""
+    eos = hf.get("eos_token_id")
+    return dict(vocab_size=int(hf["vocab_size"]), bos_token_id=hf.get("bos_token_id"),
+                eos_token_id=eos[0] if isinstance(eos, list) else eos)
+
+
+def hf_common_out(cfg: ModelConfig, dtype: str) -> dict:
+    """The HF config fields every architecture writes alike."""
+    return {"vocab_size": cfg.vocab_size, "bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id,
+            "torch_dtype": dtype, "tie_word_embeddings": cfg.tie_embeddings}

@@ -5,7 +5,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from .config import ModelConfig
+from .config import ModelConfig, hf_activation, hf_common, hf_common_out, refuse
 from .layers import ACTIVATIONS, attend, attention_bias, layer_norm, linear
 
 
@@ -45,3 +45,24 @@ def apply(params: dict, input_ids: jax.Array, attention_mask: jax.Array, cfg: Mo
         h = h + linear(act(linear(x, layer["mlp"]["c_fc"])), layer["mlp"]["c_proj"])
     h = layer_norm(h, t["ln_f"], cfg.norm_eps)
     return (h @ t["wte"]["embedding"].T).astype(jnp.float32)
+
+
+def config_from_hf(hf: dict, where: str) -> ModelConfig:
+    """ModelConfig from a GPT-2 ``config.json`` dict; CheckpointError for attention-scaling variants and
+    cross-attention, which lnjax does not implement."""
+    for opt, ok in (("scale_attn_weights", True), ("scale_attn_by_inverse_layer_idx", False),
+                    ("add_cross_attention", False)):
+        if hf.get(opt, ok) != ok:
+            refuse(where, opt, hf[opt], f"only {ok} is supported")
+    d = int(hf["n_embd"])
+    return ModelConfig(arch="gpt2", d_model=d, n_layers=int(hf["n_layer"]), n_heads=int(hf["n_head"]),
+                       d_ff=int(hf.get("n_inner") or 4 * d), norm_eps=float(hf["layer_norm_epsilon"]),
+                       max_positions=int(hf["n_positions"]), tie_embeddings=True,
+                       activation=hf_activation(hf, "activation_function", where, "gelu_new"), **hf_common(hf))
+
+
+def config_to_hf(cfg: ModelConfig, dtype: str = "float32") -> dict:
+    """An HF ``config.json`` dict for a GPT-2 ``cfg``."""
+    return {"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"], "n_embd": cfg.d_model,
+            "n_layer": cfg.n_layers, "n_head": cfg.n_heads, "n_inner": cfg.d_ff, "layer_norm_epsilon": cfg.norm_eps,
+            "n_positions": cfg.max_positions, "activation_function": cfg.activation, **hf_common_out(cfg, dtype)}

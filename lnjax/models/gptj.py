@@ -5,7 +5,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from .config import ModelConfig
+from .config import ModelConfig, hf_activation, hf_common, hf_common_out, refuse
 from .layers import ACTIVATIONS, attend, attention_bias, layer_norm, linear, rotate_interleaved
 
 
@@ -46,3 +46,23 @@ def apply(params: dict, input_ids: jax.Array, attention_mask: jax.Array, cfg: Mo
         h = h + attn_out + mlp_out
     h = layer_norm(h, t["ln_f"], cfg.norm_eps)
     return linear(h, params["lm_head"]).astype(jnp.float32)
+
+
+def config_from_hf(hf: dict, where: str) -> ModelConfig:
+    """ModelConfig from a GPT-J ``config.json`` dict; CheckpointError for tied embeddings (GPT-J's head is
+    untied and biased)."""
+    if hf.get("tie_word_embeddings", False):
+        refuse(where, "tie_word_embeddings", True, "GPT-J has an untied, biased head")
+    d = int(hf["n_embd"])
+    return ModelConfig(arch="gptj", d_model=d, n_layers=int(hf["n_layer"]), n_heads=int(hf["n_head"]),
+                       d_ff=int(hf.get("n_inner") or 4 * d), norm_eps=float(hf["layer_norm_epsilon"]),
+                       rotary_dim=hf.get("rotary_dim"), max_positions=int(hf["n_positions"]),
+                       activation=hf_activation(hf, "activation_function", where, "gelu_new"), **hf_common(hf))
+
+
+def config_to_hf(cfg: ModelConfig, dtype: str = "float32") -> dict:
+    """An HF ``config.json`` dict for a GPT-J ``cfg``."""
+    return {"model_type": "gptj", "architectures": ["GPTJForCausalLM"], "n_embd": cfg.d_model,
+            "n_layer": cfg.n_layers, "n_head": cfg.n_heads, "n_inner": cfg.d_ff, "layer_norm_epsilon": cfg.norm_eps,
+            "n_positions": cfg.max_positions, "activation_function": cfg.activation, "rotary_dim": cfg.rotary_dim,
+            **hf_common_out(cfg, dtype)}

@@ -5,10 +5,13 @@ Parameters mirror HF module paths: ``params["model"]["layers"][i]["mlp"]["down_p
 
 from __future__ import annotations
 
+from typing import Optional
+
 import jax
 import jax.numpy as jnp
 
-from .config import ModelConfig
+from ..checkpoint import CheckpointError
+from .config import ModelConfig, hf_activation, hf_common, hf_common_out, refuse
 from .layers import ACTIVATIONS, attend, attention_bias, linear, rms_norm, rope_frequencies, rotate_half
 
 
@@ -73,3 +76,65 @@ def apply(params: dict, input_ids: jax.Array, attention_mask: jax.Array, cfg: Mo
     if cfg.tie_embeddings:
         return (h @ params["model"]["embed_tokens"]["embedding"].T).astype(jnp.float32)
     return linear(h, params["lm_head"]).astype(jnp.float32)
+
+
+SUPPORTED_ROPE = ("default", "linear", "llama3")
+_HF_CLASSES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+
+
+def _rope(hf: dict, where: str) -> tuple[float, Optional[tuple]]:
+    """(theta, scaling) from either the v4 (``rope_theta`` + ``rope_scaling``) or v5 (``rope_parameters``) form."""
+    params = hf.get("rope_parameters") or {}
+    scaling = dict(hf.get("rope_scaling") or {})
+    theta = float(params.get("rope_theta", hf.get("rope_theta", 10000.0)))
+    merged = {**scaling, **{k: v for k, v in params.items() if k != "rope_theta"}}
+    kind = merged.pop("rope_type", merged.pop("type", "default"))
+    if kind not in SUPPORTED_ROPE:
+        refuse(where, "rope_scaling.rope_type", kind, f"supported: {SUPPORTED_ROPE}")
+    if kind == "default":
+        return theta, None
+    keep = ("factor",) if kind == "linear" else (
+        "factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+    missing = [k for k in keep if k not in merged]
+    if missing:
+        raise CheckpointError(f"{where}: rope scaling {kind!r} lacks {missing}")
+    return theta, tuple([("rope_type", kind)] + [(k, float(merged[k])) for k in keep])
+
+
+def config_from_hf(hf: dict, where: str) -> ModelConfig:
+    """ModelConfig from a Llama, Mistral or Qwen2 ``config.json`` dict; CheckpointError naming unsupported
+    options (tensor-parallel pretraining splits, rope types other than ``SUPPORTED_ROPE``, Qwen2 sliding
+    windows)."""
+    mt = hf["model_type"]
+    if hf.get("pretraining_tp", 1) != 1:
+        refuse(where, "pretraining_tp", hf["pretraining_tp"], "only 1 is supported")
+    theta, scaling = _rope(hf, where)
+    window = hf.get("sliding_window") if mt == "mistral" else None
+    if mt == "qwen2" and hf.get("use_sliding_window"):
+        refuse(where, "use_sliding_window", True, "Qwen2 sliding-window layers are not implemented")
+    qkv_bias = mt == "qwen2" or bool(hf.get("attention_bias", False))
+    return ModelConfig(
+        arch=mt, d_model=int(hf["hidden_size"]), n_layers=int(hf["num_hidden_layers"]),
+        n_heads=int(hf["num_attention_heads"]),
+        n_kv_heads=int(hf.get("num_key_value_heads") or hf["num_attention_heads"]),
+        head_dim=hf.get("head_dim"), d_ff=int(hf["intermediate_size"]), norm_eps=float(hf["rms_norm_eps"]),
+        rope_theta=theta, rope_scaling=scaling, tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        qkv_bias=qkv_bias, o_bias=mt != "qwen2" and bool(hf.get("attention_bias", False)),
+        mlp_bias=bool(hf.get("mlp_bias", False)), sliding_window=window,
+        activation=hf_activation(hf, "hidden_act", where, "silu"), **hf_common(hf))
+
+
+def config_to_hf(cfg: ModelConfig, dtype: str = "float32") -> dict:
+    """An HF ``config.json`` dict for a Llama-family ``cfg``."""
+    hf = {"model_type": cfg.arch, "architectures": [_HF_CLASSES[cfg.arch]],
+          "hidden_size": cfg.d_model, "intermediate_size": cfg.d_ff, "num_hidden_layers": cfg.n_layers,
+          "num_attention_heads": cfg.n_heads, "num_key_value_heads": cfg.kv_heads, "head_dim": cfg.hd,
+          "rms_norm_eps": cfg.norm_eps, "rope_theta": cfg.rope_theta, "hidden_act": cfg.activation,
+          "max_position_embeddings": cfg.max_positions, **hf_common_out(cfg, dtype)}
+    if cfg.rope_scaling:
+        hf["rope_scaling"] = dict(cfg.rope_scaling)
+    if cfg.arch == "llama":
+        hf.update(attention_bias=cfg.qkv_bias, mlp_bias=cfg.mlp_bias)
+    if cfg.arch == "mistral":
+        hf["sliding_window"] = cfg.sliding_window
+    return hf

@@ -1,0 +1,45 @@
+"""Staged pretraining of a world model: an interrupted run resumed from its epoch checkpoints ends where one
+uninterrupted run ends, bit for bit; other settings are refused."""
+
+import importlib.util
+import os
+import shutil
+
+import jax
+import numpy as np
+import pytest
+
+from lnjax import checkpoint
+from lnjax.models import ModelConfig
+from lnjax.world import World, WorldSpec
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _pretrain():
+    spec = importlib.util.spec_from_file_location("pretrain_world", os.path.join(ROOT, "experiments",
+                                                                                 "pretrain_world.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_resumed_pretraining_equals_one_run_and_refuses_other_settings(tmp_path):
+    pw = _pretrain()
+    world = World(WorldSpec(seed=3, n_subjects=24, n_answers=4))
+    cfg = ModelConfig(arch="llama", vocab_size=len(world.vocab), d_model=16, n_layers=1, n_heads=2, n_kv_heads=1,
+                      d_ff=32, max_positions=32, activation="relu")
+    kw = dict(epochs=3, batch_size=16, lr=1e-2, warmup_steps=2, label_smoothing=0.1, log=None)
+    straight, rep = pw.train(world, cfg, **kw)
+    assert len(rep["loss_by_epoch"]) == 3
+    ck = str(tmp_path / "ck")
+    pw.train(world, cfg, **{**kw, "epochs": 3}, checkpoint_dir=ck)
+    # keep only the first epoch, as if the run had been killed after it
+    for name in ("epoch_0002", "epoch_0003"):
+        shutil.rmtree(os.path.join(ck, name))
+    resumed, rep2 = pw.train(world, cfg, **kw, checkpoint_dir=ck, resume=True)
+    for a, b in zip(jax.tree_util.tree_leaves(straight), jax.tree_util.tree_leaves(resumed)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert rep2["loss_by_epoch"] == rep["loss_by_epoch"]
+    with pytest.raises(checkpoint.ConfigMismatch, match="lr"):
+        pw.train(world, cfg, **{**kw, "lr": 2e-2}, checkpoint_dir=ck, resume=True)
