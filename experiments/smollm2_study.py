@@ -29,7 +29,7 @@ import lnjax as lx  # noqa: E402
 from lnjax import builtin_models, data, eval as eval_lib, facts  # noqa: E402
 from lnjax.batching import pack, pack_turns  # noqa: E402
 from lnjax.probe import turn_features  # noqa: E402
-from lnjax.run import _uses_warmup  # noqa: E402
+from lnjax.hparams import uses_warmup  # noqa: E402
 
 
 def knowledge(model, tok, args):
@@ -79,7 +79,7 @@ def frontier(model, tok, args):
         for lr in lrs:
             t0 = time.time()
             ed = lx.editors.get(name.strip(), lr=lr)
-            res = lx.edit_sequence(model, ed, batches, targets, warmup=warm if _uses_warmup(name) else None,
+            res = lx.edit_sequence(model, ed, batches, targets, warmup=warm if uses_warmup(name) else None,
                                    progress=False, log=lambda m: None)
             m = eval_lib.evaluate(model.apply, res.params, es, base, ("teacher_forced", "locality_vs_unedited"))
             row = {"editor": name.strip(), "lr": lr, **m["teacher_forced"],
