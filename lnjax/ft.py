@@ -86,34 +86,45 @@ def edit_losses(logits: jax.Array, labels: jax.Array, objective: str) -> tuple[j
     return -jnp.sum(jnp.where(sup, picked, 0.0), axis=1) / jnp.maximum(n, 1), n > 0
 
 
+def _ft_init(shapes: Mapping[str, tuple[int, int]]) -> FTState:
+    """FT's ``init``: zero counters and losses for ``shapes`` {target: (d_in, d_out)}, in the given order."""
+    targets = []
+    for name, shape in shapes.items():
+        if len(shape) != 2 or min(shape) <= 0:
+            raise ValueError(f"target {name!r}: shape must be (d_in, d_out) with positive sizes, got {shape}")
+        targets.append((name, int(shape[0]), int(shape[1])))
+    return FTState(loss=jnp.zeros((2,), jnp.float32), epochs=jnp.zeros((), jnp.int32),
+                   turns=jnp.zeros((), jnp.int32), rejected=jnp.zeros((), jnp.int32), targets=tuple(targets))
+
+
+def _chunk_edits(edit: TurnBatch, batch_size: int) -> tuple[int, jax.Array, jax.Array, jax.Array]:
+    """The turn's edits [E, L] cut into ``n_chunks = ceil(E / batch_size)`` chunks: returns ``n_chunks`` and
+    ``input_ids``, ``attention_mask``, ``labels`` as [n_chunks, batch_size, L]."""
+    E, L = edit.input_ids.shape
+    n_chunks = math.ceil(E / batch_size)
+    pad = n_chunks * batch_size - E
+
+    # Padding rows are all IGNORE labels, so they add nothing to a chunk's loss (fixed shapes for fori_loop).
+    def chunked(a, fill):
+        a = jnp.concatenate([a, jnp.full((pad, L), fill, a.dtype)]) if pad else a
+        return a.reshape(n_chunks, batch_size, L)
+
+    return n_chunks, chunked(edit.input_ids, 0), chunked(edit.attention_mask, 0), chunked(edit.labels, IGNORE)
+
+
 def ft_editor(apply: Callable, cfg: FTConfig) -> Editor:
     """An FT ``Editor`` over the pure ``apply``; needs the turn's ``params`` and ``turn`` (``turn.edit`` [E, L])."""
     opt = optax.chain(optax.add_decayed_weights(cfg.weight_decay), optax.adam(cfg.lr)) if cfg.weight_decay \
         else optax.adam(cfg.lr)
 
-    def init(shapes: Mapping[str, tuple[int, int]]) -> FTState:
-        targets = []
-        for name, shape in shapes.items():
-            if len(shape) != 2 or min(shape) <= 0:
-                raise ValueError(f"target {name!r}: shape must be (d_in, d_out) with positive sizes, got {shape}")
-            targets.append((name, int(shape[0]), int(shape[1])))
-        return FTState(loss=jnp.zeros((2,), jnp.float32), epochs=jnp.zeros((), jnp.int32),
-                       turns=jnp.zeros((), jnp.int32), rejected=jnp.zeros((), jnp.int32), targets=tuple(targets))
+    init = _ft_init
 
     def update(features: Any, state: FTState, *, warmup=False, params=None, turn=None):
         if params is None or turn is None:
             raise ValueError("ft needs the turn's params and turn (Editor.needs)")
         names = state.target_names()
         edit: TurnBatch = turn.edit
-        E, L = edit.input_ids.shape
-        n_chunks = math.ceil(E / cfg.batch_size)
-        pad = n_chunks * cfg.batch_size - E
-
-        def chunked(a, fill):
-            a = jnp.concatenate([a, jnp.full((pad, L), fill, a.dtype)]) if pad else a
-            return a.reshape(n_chunks, cfg.batch_size, L)
-
-        ids, attn, labels = chunked(edit.input_ids, 0), chunked(edit.attention_mask, 0), chunked(edit.labels, IGNORE)
+        n_chunks, ids, attn, labels = _chunk_edits(edit, cfg.batch_size)
         real_chunks = jnp.maximum(jnp.sum(jnp.any(labels != IGNORE, axis=(1, 2))), 1)
         start = {n: get_module(params, n)["kernel"] for n in names}
         start32 = {n: k.astype(jnp.float32) for n, k in start.items()}

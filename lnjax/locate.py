@@ -367,6 +367,47 @@ def _ordered_targets(shapes: Mapping[str, tuple[int, int]]) -> tuple:
     return tuple((name, d_in, d_out) for _, name, d_in, d_out in sorted(targets))
 
 
+def _locate_init(shapes: Mapping[str, tuple[int, int]], stats: Mapping[str, KeyStats],
+                 cfg: LocateConfig) -> LocateState:
+    """The ``init`` of ``locate_editor``: targets ordered by block; per target (d_in, d_in) the second moment
+    (MEMIT) or the null-space projector, its rank and a zero key cache (AlphaEdit); zero counters."""
+    targets = _ordered_targets(shapes)
+    moments, proj, cache, null = {}, {}, {}, {}
+    for name, d_in, _ in targets:
+        if name not in stats:
+            raise ValueError(f"no key statistics for target {name!r} (have {sorted(stats)})")
+        C = stats[name].moment()
+        if C.shape != (d_in, d_in):
+            raise ValueError(f"target {name!r}: key statistics are {C.shape}, expected ({d_in}, {d_in})")
+        if cfg.method == "memit":
+            moments[name] = C
+        else:
+            proj[name], null[name] = null_space_projector(C, cfg.nullspace_threshold, cfg.threshold_mode,
+                                                          cfg.null_rank)
+            cache[name] = jnp.zeros((d_in, d_in), jnp.float32)
+    return LocateState(second_moment=moments, projector=proj, cache_c=cache, null_dims=null,
+                       z_loss=jnp.zeros((2,), jnp.float32), turns=jnp.zeros((), jnp.int32),
+                       rejected=jnp.zeros((), jnp.int32), targets=targets)
+
+
+def _subject_positions(turn: Any, cfg: LocateConfig) -> tuple[jax.Array, jax.Array]:
+    """The fact-token position of each edit [E] int32 (``cfg.fact_token``) and whether the edit is usable [E]
+    bool (has answer tokens and a subject position)."""
+    edit = turn.edit
+    has_answer = jnp.any(edit.labels != IGNORE, axis=1)
+    if cfg.fact_token == "prompt_last":  # the position predicting the first answer token
+        subject_last = jnp.argmax(edit.labels != IGNORE, axis=1).astype(jnp.int32)
+    else:
+        subject_last = jnp.asarray(turn.subject_last, jnp.int32)
+    # Outside jit a missing subject is a data error worth naming; under jit such edits are masked out.
+    if is_concrete(subject_last) and is_concrete(edit.labels):
+        bad = np.asarray(has_answer) & (np.asarray(subject_last) < 0)
+        if bad.any():
+            raise ValueError(f"{cfg.method}: edit {int(np.argmax(bad))} of the turn has no subject position "
+                             "(subject_last = -1); the records need a 'subject'")
+    return subject_last, has_answer & (subject_last >= 0)
+
+
 def locate_editor(apply: Callable, stats: Mapping[str, KeyStats], cfg: LocateConfig) -> Editor:
     """A MEMIT or AlphaEdit ``Editor`` (by ``cfg.method``) over the pure ``apply`` with second-moment
     statistics ``stats`` {target: KeyStats} of the unedited model (``lnjax.key_stats``). It needs the turn's
@@ -375,39 +416,13 @@ def locate_editor(apply: Callable, stats: Mapping[str, KeyStats], cfg: LocateCon
     dtype = jnp.float64 if cfg.dtype == "float64" else jnp.float32
 
     def init(shapes: Mapping[str, tuple[int, int]]) -> LocateState:
-        targets = _ordered_targets(shapes)
-        moments, proj, cache, null = {}, {}, {}, {}
-        for name, d_in, _ in targets:
-            if name not in stats:
-                raise ValueError(f"no key statistics for target {name!r} (have {sorted(stats)})")
-            C = stats[name].moment()
-            if C.shape != (d_in, d_in):
-                raise ValueError(f"target {name!r}: key statistics are {C.shape}, expected ({d_in}, {d_in})")
-            if cfg.method == "memit":
-                moments[name] = C
-            else:
-                proj[name], null[name] = null_space_projector(C, cfg.nullspace_threshold, cfg.threshold_mode,
-                                                              cfg.null_rank)
-                cache[name] = jnp.zeros((d_in, d_in), jnp.float32)
-        return LocateState(second_moment=moments, projector=proj, cache_c=cache, null_dims=null,
-                           z_loss=jnp.zeros((2,), jnp.float32), turns=jnp.zeros((), jnp.int32),
-                           rejected=jnp.zeros((), jnp.int32), targets=targets)
+        return _locate_init(shapes, stats, cfg)
 
     def update(features: Any, state: LocateState, *, warmup=False, params=None, turn=None):
         if params is None or turn is None:
             raise ValueError(f"{cfg.method} needs the turn's params and turn (Editor.needs)")
         edit = turn.edit
-        has_answer = jnp.any(edit.labels != IGNORE, axis=1)
-        if cfg.fact_token == "prompt_last":  # the position predicting the first answer token
-            subject_last = jnp.argmax(edit.labels != IGNORE, axis=1).astype(jnp.int32)
-        else:
-            subject_last = jnp.asarray(turn.subject_last, jnp.int32)
-        if is_concrete(subject_last) and is_concrete(edit.labels):
-            bad = np.asarray(has_answer) & (np.asarray(subject_last) < 0)
-            if bad.any():
-                raise ValueError(f"{cfg.method}: edit {int(np.argmax(bad))} of the turn has no subject position "
-                                 "(subject_last = -1); the records need a 'subject'")
-        valid = has_answer & (subject_last >= 0)
+        subject_last, valid = _subject_positions(turn, cfg)
         E = valid.shape[0]
         names = state.target_names()
         z_target = names[-1]

@@ -193,6 +193,73 @@ def _clip(tree, max_norm: float):
     return optax.clip_by_global_norm(max_norm).update(tree, optax.EmptyState())[0]
 
 
+def _theta_grad(meta: MetaConfig, names: tuple, deltas: dict, vjp: Callable, grad_w: dict):
+    """The hypernet gradient (θ's pytree): the vjp of θ ↦ ΔW with cotangent ``G_W`` {target: (d_in, d_out)} in
+    float32, plus ``2·reg_coef·ΔW`` when ``meta.reg_mode == "live"``."""
+    grad_w = {t: grad_w[t].astype(jnp.float32) for t in names}
+    if meta.reg_mode == "live":
+        grad_w = {t: grad_w[t] + 2.0 * meta.reg_coef * deltas[t] for t in names}
+    (g_theta,) = vjp(grad_w)
+    return g_theta
+
+
+def _malmen_loss(apply: Callable, frozen: dict, ref: jax.Array, para: TurnBatch, loc: TurnBatch,
+                 meta: MetaConfig) -> Callable:
+    """MALMEN/MEND's loss of the edited kernels: ``kernels -> (gen + loc_coef·kl, (gen, kl))`` with the paraphrase
+    CE and the KL from ``ref`` (the unedited logits [E, L', V] on ``loc``), each summed over mini-batches."""
+    mbs = meta.minibatch_size
+
+    def loss_fn(kernels):
+        p = join(frozen, kernels)
+        gen = minibatch_ce(apply(p, para.input_ids, para.attention_mask), para.labels, mbs)
+        kl = minibatch_kl(ref, apply(p, loc.input_ids, loc.attention_mask), loc.labels, mbs)
+        return gen + meta.loc_coef * kl, (gen, kl)
+
+    return loss_fn
+
+
+def _push_history(state: MetaState, para: TurnBatch, loc: TurnBatch, meta: MetaConfig):
+    """RLEdit's history with this turn pushed in front: ``hist_para``, ``hist_loc`` ([back_depth, E, L'] per
+    leaf, newest first), ``hist_len`` (filled slots, at most ``back_depth``) and the slot weights
+    ``slot_w`` [back_depth] (``γ^j`` on filled slots, 0 on empty ones)."""
+    push = lambda h, x: jnp.concatenate([jnp.asarray(x)[None].astype(h.dtype), h[:-1]], axis=0)
+    hist_para = jax.tree_util.tree_map(push, state.hist_para, para)
+    hist_loc = jax.tree_util.tree_map(push, state.hist_loc, loc)
+    hist_len = jnp.minimum(state.hist_len + 1, meta.back_depth)
+    slot_w = jnp.where(jnp.arange(meta.back_depth) < hist_len,
+                       meta.time_decay ** jnp.arange(meta.back_depth, dtype=jnp.float32), 0.0)
+    return hist_para, hist_loc, hist_len, slot_w
+
+
+def _rledit_loss(apply: Callable, frozen: dict, params: dict, slot_w: jax.Array, hist_para: TurnBatch,
+                 hist_loc: TurnBatch, meta: MetaConfig) -> Callable:
+    """RLEdit's loss of the edited kernels: ``kernels -> (gen + loc_coef·kl, (gen, kl))`` summed over the history
+    slots with weights ``slot_w`` [back_depth]; the KL reference is ``params`` (this turn's pre-shift model)."""
+    mbs = meta.minibatch_size
+
+    def loss_fn(kernels):
+        p = join(frozen, kernels)
+
+        def slot(total, xs):
+            w, pb, lb = xs
+            ref = jax.lax.stop_gradient(apply(params, lb.input_ids, lb.attention_mask))
+            gen = minibatch_ce(apply(p, pb.input_ids, pb.attention_mask), pb.labels, mbs)
+            kl = minibatch_kl(ref, apply(p, lb.input_ids, lb.attention_mask), lb.labels, mbs)
+            return (total[0] + w * gen, total[1] + w * kl), None
+
+        (gen, kl), _ = jax.lax.scan(slot, (jnp.zeros(()), jnp.zeros(())), (slot_w, hist_para, hist_loc))
+        return gen + meta.loc_coef * kl, (gen, kl)
+
+    return loss_fn
+
+
+def _diagnostics(gen, kl, edit_loss, g_theta, deltas: dict, names: tuple, n_rows) -> dict:
+    """One turn's diagnostics: losses, ``grad_norm`` (global norm of ``g_theta``), ``delta_norm`` [n_targets]
+    (Frobenius norm of each shift) and ``rows``."""
+    return {"gen_loss": gen, "loc_loss": kl, "edit_loss": edit_loss, "grad_norm": optax.global_norm(g_theta),
+            "delta_norm": jnp.stack([jnp.linalg.norm(deltas[t]) for t in names]), "rows": n_rows}
+
+
 @functools.lru_cache(maxsize=8)
 def make_turn_step(apply: Callable, targets: tuple, net: hn.NetConfig, meta: MetaConfig, max_rows: int) -> Callable:
     """The jitted training step ``step(state, frozen, base_kernels, (edit, para, loc)) -> (state, diagnostics)``.
@@ -219,31 +286,17 @@ def make_turn_step(apply: Callable, targets: tuple, net: hn.NetConfig, meta: Met
     def edited(kernels, deltas):
         return {t: kernels[t] + deltas[t].astype(kernels[t].dtype) for t in names}
 
-    def finish(theta, deltas, vjp, grad_w):
-        grad_w = {t: grad_w[t].astype(jnp.float32) for t in names}
-        if meta.reg_mode == "live":
-            grad_w = {t: grad_w[t] + 2.0 * meta.reg_coef * deltas[t] for t in names}
-        (g_theta,) = vjp(grad_w)
-        return g_theta
-
     def malmen_step(state: MetaState, frozen, base, batch):
         edit, para, loc = batch
         params = join(frozen, base)
         stats, deltas, vjp, edit_loss, n_rows = features_and_shift(state.theta, state.stats, params, edit)
         ref = jax.lax.stop_gradient(apply(params, loc.input_ids, loc.attention_mask))
-
-        def loss_fn(kernels):
-            p = join(frozen, kernels)
-            gen = minibatch_ce(apply(p, para.input_ids, para.attention_mask), para.labels, mbs)
-            kl = minibatch_kl(ref, apply(p, loc.input_ids, loc.attention_mask), loc.labels, mbs)
-            return gen + meta.loc_coef * kl, (gen, kl)
-
+        loss_fn = _malmen_loss(apply, frozen, ref, para, loc, meta)
         (_, (gen, kl)), grad_w = jax.value_and_grad(loss_fn, has_aux=True)(edited(base, deltas))
-        g_theta = finish(state.theta, deltas, vjp, grad_w)
+        g_theta = _theta_grad(meta, names, deltas, vjp, grad_w)
         updates, opt_state = opt.update(g_theta, state.opt_state, state.theta)
         theta = optax.apply_updates(state.theta, updates)
-        diag = {"gen_loss": gen, "loc_loss": kl, "edit_loss": edit_loss, "grad_norm": optax.global_norm(g_theta),
-                "delta_norm": jnp.stack([jnp.linalg.norm(deltas[t]) for t in names]), "rows": n_rows}
+        diag = _diagnostics(gen, kl, edit_loss, g_theta, deltas, names, n_rows)
         return state.replace(theta=theta, opt_state=opt_state, stats=stats), diag
 
     def rledit_step(state: MetaState, frozen, base, batch):
@@ -251,32 +304,13 @@ def make_turn_step(apply: Callable, targets: tuple, net: hn.NetConfig, meta: Met
         edit, para, loc = batch
         params = join(frozen, state.kernels)
         stats, deltas, vjp, edit_loss, n_rows = features_and_shift(state.theta, state.stats, params, edit)
-        push = lambda h, x: jnp.concatenate([jnp.asarray(x)[None].astype(h.dtype), h[:-1]], axis=0)
-        hist_para = jax.tree_util.tree_map(push, state.hist_para, para)
-        hist_loc = jax.tree_util.tree_map(push, state.hist_loc, loc)
-        hist_len = jnp.minimum(state.hist_len + 1, meta.back_depth)
-        slot_w = jnp.where(jnp.arange(meta.back_depth) < hist_len,
-                           meta.time_decay ** jnp.arange(meta.back_depth, dtype=jnp.float32), 0.0)
-
-        def loss_fn(kernels):
-            p = join(frozen, kernels)
-
-            def slot(total, xs):
-                w, pb, lb = xs
-                ref = jax.lax.stop_gradient(apply(params, lb.input_ids, lb.attention_mask))
-                gen = minibatch_ce(apply(p, pb.input_ids, pb.attention_mask), pb.labels, mbs)
-                kl = minibatch_kl(ref, apply(p, lb.input_ids, lb.attention_mask), lb.labels, mbs)
-                return (total[0] + w * gen, total[1] + w * kl), None
-
-            (gen, kl), _ = jax.lax.scan(slot, (jnp.zeros(()), jnp.zeros(())), (slot_w, hist_para, hist_loc))
-            return gen + meta.loc_coef * kl, (gen, kl)
-
+        hist_para, hist_loc, hist_len, slot_w = _push_history(state, para, loc, meta)
+        loss_fn = _rledit_loss(apply, frozen, params, slot_w, hist_para, hist_loc, meta)
         new_kernels = edited(state.kernels, deltas)
         (_, (gen, kl)), grad_w = jax.value_and_grad(loss_fn, has_aux=True)(new_kernels)
-        g_theta = finish(state.theta, deltas, vjp, grad_w)
+        g_theta = _theta_grad(meta, names, deltas, vjp, grad_w)
         acc = _clip(jax.tree_util.tree_map(jnp.add, state.acc, g_theta), meta.max_grad_norm)
-        diag = {"gen_loss": gen, "loc_loss": kl, "edit_loss": edit_loss, "grad_norm": optax.global_norm(g_theta),
-                "delta_norm": jnp.stack([jnp.linalg.norm(deltas[t]) for t in names]), "rows": n_rows}
+        diag = _diagnostics(gen, kl, edit_loss, g_theta, deltas, names, n_rows)
         return state.replace(stats=stats, acc=acc, kernels=new_kernels, hist_para=hist_para, hist_loc=hist_loc,
                              hist_len=hist_len), diag
 
@@ -320,6 +354,47 @@ def _fingerprint(model_kernels: dict, turns: TrainTurns, net: hn.NetConfig, meta
     return {"data_and_model_sha256": h.hexdigest(), "net": repr(net), "meta": repr(meta)}
 
 
+def _open_checkpoint(checkpoint_dir: Optional[str], resume: bool, state: MetaState, base: dict,
+                     turns: TrainTurns, net: hn.NetConfig, meta: MetaConfig, total: int, log: Callable):
+    """``train``'s checkpointer: ``(ckpt, config, first, state, collected)``, i.e. the ``RunCheckpointer`` and
+    run fingerprint (None without ``checkpoint_dir``), the turns already done, the state to continue from and the
+    diagnostics saved so far (a list of per-turn dicts); with ``resume`` from the newest good checkpoint."""
+    first, collected = 0, []
+    ckpt = config = None
+    if checkpoint_dir is not None:
+        ckpt = RunCheckpointer(checkpoint_dir)
+        config = _fingerprint(base, turns, net, meta)
+        if resume:
+            got = ckpt.latest(state, config, log=log)
+            if got is not None:
+                first, state, saved, _ = got
+                collected = [saved] if saved else []
+                log(f"meta-training resumes after {first} of {total} turns from {ckpt.path(first)}")
+    return ckpt, config, first, state, collected
+
+
+def _progress_bar(progress: bool, total: int, first: int, meta: MetaConfig, net: hn.NetConfig):
+    """A tqdm bar over ``total`` turns starting at ``first``, or None when ``progress`` is off."""
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+        bar = tqdm(total=total, initial=first, desc=f"meta-training {meta.algorithm} ({net.normalization})",
+                   unit="turn")
+    return bar
+
+
+def _log_learned(state: MetaState, net: hn.NetConfig, meta: MetaConfig, done: int, steps: int,
+                 log: Callable) -> dict:
+    """``hn.summary`` of the trained θ (learned ``lr[m]``, ``lamda[m]``, ``‖B‖`` per group), each group logged."""
+    learned = hn.summary(state.theta)
+    for group, s in learned.items():
+        log(f"{meta.algorithm} ({net.normalization}) after {done} turns ({steps} Adam steps), group {group}: "
+            f"lr[m] = "
+            f"{['%.3g' % x for x in s['lr']]}, lamda[m] = {['%.3g' % x for x in s['lamda']]}, "
+            f"||B|| = {s['B_norm']:.4g}")
+    return learned
+
+
 def train(model, targets: Sequence[str], turns: TrainTurns, net: hn.NetConfig, meta: MetaConfig, *,
           checkpoint_dir: Optional[str] = None, resume: bool = False, progress: bool = True,
           log: Callable[[str], None] = print, stop_after: Optional[int] = None) -> tuple[hn.Trained, dict]:
@@ -346,22 +421,9 @@ def train(model, targets: Sequence[str], turns: TrainTurns, net: hn.NetConfig, m
     step = make_turn_step(model.apply, layout, net,
                           dataclasses.replace(meta, n_epochs=1, num_seq=None, checkpoint_every=1), max_rows)
     state = init_state(net, meta, layout, base, turns)
-    first, collected = 0, []
-    ckpt = config = None
-    if checkpoint_dir is not None:
-        ckpt = RunCheckpointer(checkpoint_dir)
-        config = _fingerprint(base, turns, net, meta)
-        if resume:
-            got = ckpt.latest(state, config, log=log)
-            if got is not None:
-                first, state, saved, _ = got
-                collected = [saved] if saved else []
-                log(f"meta-training resumes after {first} of {total} turns from {ckpt.path(first)}")
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-        bar = tqdm(total=total, initial=first, desc=f"meta-training {meta.algorithm} ({net.normalization})",
-                   unit="turn")
+    ckpt, config, first, state, collected = _open_checkpoint(checkpoint_dir, resume, state, base, turns, net,
+                                                             meta, total, log)
+    bar = _progress_bar(progress, total, first, meta, net)
     stop = total if stop_after is None else min(total, stop_after)
     for g in range(first, stop):
         t = g % T
@@ -386,12 +448,7 @@ def train(model, targets: Sequence[str], turns: TrainTurns, net: hn.NetConfig, m
     done = stop
     diagnostics = {k: np.concatenate([p[k] for p in collected]) for k in collected[0]} if collected else {}
     steps = done if meta.algorithm != "rledit" else done // T
-    learned = hn.summary(state.theta)
-    for group, s in learned.items():
-        log(f"{meta.algorithm} ({net.normalization}) after {done} turns ({steps} Adam steps), group {group}: "
-            f"lr[m] = "
-            f"{['%.3g' % x for x in s['lr']]}, lamda[m] = {['%.3g' % x for x in s['lamda']]}, "
-            f"||B|| = {s['B_norm']:.4g}")
+    learned = _log_learned(state, net, meta, done, steps, log)
     trained = hn.Trained(theta=state.theta, stats=state.stats, config=net, targets=layout)
     return trained, {"diagnostics": diagnostics, "learned": learned, "adam_steps": steps, "turns_done": done}
 
