@@ -53,14 +53,10 @@ def train(world: World, cfg: ModelConfig, *, epochs: int = 60, batch_size: int =
     Returns ``(params, report)`` where ``report`` has the final teacher-forced accuracy per wording and the loss
     of every epoch.
     """
-    per_template = wm.fact_examples(world)
-    length = max(probe_length(p, a) for ex in per_template for p, a in ex)
-    packed = [pack(ex, length) for ex in per_template]
-    n_facts = len(per_template[0])
+    packed = packed_facts(world)
+    n_facts = packed[0].input_ids.shape[0]
     steps_per_epoch = -(-n_facts // batch_size)
-    total = epochs * steps_per_epoch
-    sched = optax.warmup_cosine_decay_schedule(0.0, lr, min(warmup_steps, total // 10), total, lr * 0.05)
-    opt = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(sched, b2=0.98, weight_decay=0.01))
+    opt = optimizer(lr, epochs * steps_per_epoch, warmup_steps)
     params = init if init is not None else init_params(cfg, jax.random.PRNGKey(seed), std=0.02)
     opt_state = opt.init(params)
     apply = Model(cfg, params).apply
@@ -145,6 +141,40 @@ def _latest_epoch(directory: str, like: dict, settings: dict):
 
 
 
+def packed_facts(world: World) -> list:
+    """Every fact of ``world`` packed once per wording: ``[TurnBatch [n_facts, L]]`` (one per wording)."""
+    per_template = wm.fact_examples(world)
+    length = max(probe_length(p, a) for ex in per_template for p, a in ex)
+    return [pack(ex, length) for ex in per_template]
+
+
+def optimizer(lr: float, total_steps: int, warmup_steps: int):
+    """AdamW (b2 0.98, weight decay 0.01) after global-norm clipping at 1, with linear warm-up over
+    ``min(warmup_steps, total_steps // 10)`` steps and cosine decay to ``lr/20`` at ``total_steps``."""
+    sched = optax.warmup_cosine_decay_schedule(0.0, lr, min(warmup_steps, total_steps // 10), total_steps,
+                                               lr * 0.05)
+    return optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(sched, b2=0.98, weight_decay=0.01))
+
+
+def export_latest(world: World, cfg: ModelConfig, args) -> None:
+    """Save the newest epoch checkpoint of ``args.checkpoint_dir`` (made with the same flags) as a world model in
+    ``args.out``, with its epoch and loss curve in the report: a partly trained model to measure mid-run."""
+    params = init_params(cfg, jax.random.PRNGKey(args.seed), std=0.02)
+    opt_state = optimizer(args.lr, 1, args.warmup_steps).init(params)  # only its structure matters here
+    meta = None
+    for name in sorted(os.listdir(args.checkpoint_dir), reverse=True):
+        if name.startswith("epoch_"):
+            path = os.path.join(args.checkpoint_dir, name)
+            meta, tree = ckpt_lib.metadata(path), ckpt_lib.load(path, {"params": params, "opt_state": opt_state})
+            break
+    if meta is None:
+        raise SystemExit(f"{args.checkpoint_dir}: no epoch checkpoint to export")
+    report = {"epochs": meta["epoch"], "loss_by_epoch": meta["curve"], "partial_of": meta["settings"]["epochs"],
+              "accuracy_by_wording": [wm.fact_accuracy(cfg, tree["params"], pk) for pk in packed_facts(world)]}
+    wm.save(args.out, cfg, tree["params"], report)
+    print(json.dumps(report, indent=2))
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--epochs", type=int, default=45)
@@ -162,12 +192,16 @@ def main(argv=None):
     ap.add_argument("--activation", default=None, help="MLP gate activation, e.g. silu or relu")
     ap.add_argument("--checkpoint-dir", default=None, help="save the training state after every epoch here")
     ap.add_argument("--resume", action="store_true", help="continue from the newest epoch in --checkpoint-dir")
+    ap.add_argument("--export-latest", action="store_true",
+                    help="write the newest epoch of --checkpoint-dir to --out as a world model, without training")
     args = ap.parse_args(argv)
     world = World(WorldSpec(seed=args.world_seed))
     cfg = wm.default_config(world)
     changes = {k: v for k, v in (("d_model", args.d_model), ("n_layers", args.layers), ("d_ff", args.d_ff),
                                  ("activation", args.activation)) if v is not None}
     cfg = dataclasses.replace(cfg, **changes)
+    if args.export_latest:
+        return export_latest(world, cfg, args)
     init = wm.load(args.init_from).params if args.init_from else None
     params, report = train(world, cfg, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                               seed=args.seed, log=lambda m: print(m, flush=True), init=init,
