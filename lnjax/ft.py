@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import optax
 from flax import struct
 
-from .protocol import Editor
+from .protocol import EditCounters, Editor
 from .models import get_module, with_module_leaf
 from .batching import IGNORE, TurnBatch
 from .probe import token_log_likelihood
@@ -37,18 +37,12 @@ OBJECTIVES = ("target_new", "prompt_last")
 
 
 @struct.dataclass
-class FTState:
-    """FT's state: only the counters (``turns``, ``rejected``) and the last turn's ``loss`` [2] (mean chunk loss
-    of the first and of the last epoch run) and ``epochs`` run; ``targets`` (static) ``(name, d_in, d_out)``."""
+class FTState(EditCounters):
+    """FT's state: the counters, ``targets`` as ``(name, d_in, d_out)``, and the last turn's ``loss`` [2] (mean
+    chunk loss of the first and of the last epoch run) and ``epochs`` run."""
 
     loss: jax.Array
     epochs: jax.Array
-    turns: jax.Array
-    rejected: jax.Array
-    targets: tuple = struct.field(pytree_node=False)
-
-    def target_names(self) -> tuple[str, ...]:
-        return tuple(t[0] for t in self.targets)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -43,7 +43,7 @@ import numpy as np
 import optax
 from flax import struct
 
-from .protocol import Editor
+from .protocol import EditCounters, Editor
 from .features import is_concrete
 from .key_stats import KeyStats, check_tapped, tap_inputs
 from .models import get_module, split_path, with_module_leaf
@@ -56,14 +56,14 @@ FACT_TOKENS = ("subject_last", "prompt_last")
 
 
 @struct.dataclass
-class LocateState:
+class LocateState(EditCounters):
     """State of a MEMIT/AlphaEdit editor (an immutable pytree).
 
     ``second_moment``: target -> ``C`` [d_in, d_in] (MEMIT); ``projector``: target -> ``P`` and ``cache_c``:
     target -> Σ KᵀK of past edits (AlphaEdit); ``null_dims``: target -> number of null directions kept in ``P``
     (int32); ``z_loss``: the last turn's mean target-vector loss before and after optimisation [2];
-    ``turns``/``rejected`` as in ``lnjax.editors.EditorState``. ``targets`` (static): ``(name, d_in, d_out)``
-    in edit order (lowest layer first).
+    the counters of ``lnjax.protocol.EditCounters``; ``targets`` (static): ``(name, d_in, d_out)`` in edit order
+    (lowest layer first).
     """
 
     second_moment: dict
@@ -71,12 +71,6 @@ class LocateState:
     cache_c: dict
     null_dims: dict
     z_loss: jax.Array
-    turns: jax.Array
-    rejected: jax.Array
-    targets: tuple = struct.field(pytree_node=False)
-
-    def target_names(self) -> tuple[str, ...]:
-        return tuple(t[0] for t in self.targets)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -17,21 +17,26 @@ from .features import Features, is_concrete, resolved
 
 
 @struct.dataclass
-class EditorState:
-    """Editor state (an immutable pytree).
-
-    ``stats``: group name -> ``ln.LNStats`` (empty without normalization); ``turns``: updates applied (int32);
-    ``rejected``: turns whose shift was non-finite and therefore not applied (int32). ``targets`` (static) holds
-    ``(name, d_in, d_out, group)`` per target in a fixed order.
+class EditCounters:
+    """What every editor state carries (an immutable pytree): ``turns`` updates applied and ``rejected`` turns
+    whose shift was non-finite and therefore not applied (int32 scalars, read by the engine's diagnostics), and
+    the static ``targets``, one tuple per target starting with its name, in a fixed order. Editor states extend it.
     """
 
-    stats: dict
     turns: jax.Array
     rejected: jax.Array
     targets: tuple = struct.field(pytree_node=False)
 
     def target_names(self) -> tuple[str, ...]:
         return tuple(t[0] for t in self.targets)
+
+
+@struct.dataclass
+class EditorState(EditCounters):
+    """State of the editors over features: the counters, ``targets`` as ``(name, d_in, d_out, group)``, and
+    ``stats``: group name -> ``ln.LNStats`` (empty without normalization)."""
+
+    stats: dict
 
 
 NEEDS = ("features", "params", "turn")
