@@ -165,9 +165,10 @@ def knowledge(apply, params, tok, split: str = "edit", n: Optional[int] = None, 
     recs = [_to_record(r, i, split, truth=True) for i, r in enumerate(rows)]
     tk = tokenize(recs, tok, max_length)
     es = eval_lib.build_eval_set(tk)
-    tf = eval_lib.token_accuracy(eval_lib.predictions(apply, params, es.batches["edit"]),
-                                 np.asarray(es.batches["edit"].labels))
-    gen = eval_lib.greedy_exact_match(apply, params, es.pairs["edit"])
+    preds = eval_lib.predictions(apply, params, es.batches["edit"])
+    labels = np.asarray(es.batches["edit"].labels)
+    tf = eval_lib.token_accuracy(preds, labels)
+    gen = eval_lib.exact_match(preds, labels)
     rel = np.asarray([r["relation"] for r in rows])
     by = {}
     for r in RELATIONS:

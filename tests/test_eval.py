@@ -37,6 +37,13 @@ def test_greedy_exact_match_equals_a_manual_loop():
     want = [float(_manual_greedy(model, p, len(a)) == list(a)) for p, a in pairs]
     np.testing.assert_array_equal(got, want)
     assert got[::2].all()
+    # the same numbers from the teacher-forced predictions, as ``evaluate`` computes them
+    es = ev.build_eval_set([TokenizedRecord((p, a), (p, a), (p, a), {}) for p, a in pairs])
+    em = ev.exact_match(ev.predictions(model.apply, model.params, es.batches["edit"]),
+                        np.asarray(es.batches["edit"].labels))
+    np.testing.assert_array_equal(em, want)
+    m = ev.evaluate(model.apply, model.params, es, protocols=("generation_exact_match",))
+    assert m["generation_exact_match"]["efficacy"] == np.mean(want)
 
 
 def test_teacher_forced_metrics_and_locality_protocols():
