@@ -1,12 +1,17 @@
 """Engine benchmark (not a test): costs of edit_sequence relative to the forward+backward it cannot avoid.
 
-Prints, per model shape (the embedded default; GPT-2 small), with random weights and random edits:
-- per-turn time of ``edit_sequence`` / time of the turn's forward+backward alone (goal <= 1.3);
+Prints, per model shape (the embedded default; GPT-2 small; SmolLM2-135M) and parameter dtype (float32,
+bfloat16), with random weights and random edits:
+- per-turn time of the compiled scan / time of the turn's forward+backward alone (goal <= 1.15);
 - StableEdit per-turn time / UltraEdit per-turn time (goal <= 1.15);
-and the dual (Woodbury) solve's speed-up over the primal at d_in=14336, d_out=4096, N=1500.
+- where a turn's time goes (``component_times``: features, statistics, whitening, solve, the whole update, rest);
+then primal vs dual ridge solves on both sides of the automatic choice's threshold, and the dual (Woodbury)
+solve's speed-up over the primal at d_in=14336, d_out=4096, N=1500.
 
-    python experiments/bench_engine.py                 # everything (GPT-2 small takes minutes on a CPU)
-    python experiments/bench_engine.py --models default --skip-solve
+    python experiments/bench_engine.py                 # everything (the two larger shapes take minutes on a CPU)
+    python experiments/bench_engine.py --models default --dtypes float32 --skip-solve
+    python experiments/bench_engine.py --models llama3-8b --dtypes bfloat16 --turns-per-chunk 50 --repeats 1 \
+        --skip-solve --json bench_gpu.json       # the GPU run of BUILD.md (one accelerator, ~16 GiB of weights)
     python experiments/bench_engine.py --json out.json
 
 Timings are medians over repeats of an already compiled program, measured in one process on one machine.
@@ -29,6 +34,11 @@ from lnjax.batching import pack_turns  # noqa: E402
 from lnjax.models import Model, ModelConfig, init_params  # noqa: E402
 from lnjax.probe import token_log_likelihood, minibatch_weights  # noqa: E402
 from lnjax.engine import init_carry, make_chunk_fn, make_turn_fn, slice_chunk  # noqa: E402
+from lnjax import ln  # noqa: E402
+from lnjax.models import get_module  # noqa: E402
+from lnjax.probe import turn_features  # noqa: E402
+from lnjax.protocol import check_features, fold_group_features, group_members  # noqa: E402
+from lnjax.solve import ridge_shift  # noqa: E402
 
 SHAPES = {
     "default": (ModelConfig(arch="llama", vocab_size=423, d_model=128, n_layers=4, n_heads=4, n_kv_heads=2,
@@ -36,7 +46,17 @@ SHAPES = {
     "gpt2-small": (ModelConfig(arch="gpt2", vocab_size=50257, d_model=768, n_layers=12, n_heads=12, d_ff=3072,
                                max_positions=1024, tie_embeddings=True, activation="gelu_new"),
                    [f"transformer.h.{i}.mlp.c_proj" for i in (8, 9, 10)]),
+    "smollm2": (ModelConfig(arch="llama", vocab_size=49152, d_model=576, n_layers=30, n_heads=9, n_kv_heads=3,
+                            d_ff=1536, rope_theta=1e5, tie_embeddings=True),
+                [f"model.layers.{i}.mlp.down_proj" for i in (25, 26, 27, 28)]),
 }
+# Llama-3-8B's shape with random weights, edited where StableEdit's published setting edits it (GPU only).
+SHAPES["llama3-8b"] = (lx.hf.config_from_hf(lx.presets.MODELS["llama3-8b"]), lx.presets.targets("llama3-8b",
+                                                                                                "stableedit"))
+BIG = ("gpt2-small", "smollm2", "llama3-8b")
+
+
+DEFAULT_TURNS = 4
 
 
 def _median_time(fn, repeats):
@@ -48,9 +68,48 @@ def _median_time(fn, repeats):
     return float(np.median(times))
 
 
-def bench_model(name, turns_per_chunk, repeats, edits=100, seed=0):
+def component_times(model, editor, targets, batch, max_rows, repeats):
+    """Where one turn's time goes: each piece of the turn jitted alone on the same inputs (seconds).
+
+    ``features``: the probe's forward + backward and the row gather; ``statistics``: folding the rows into the LN
+    statistics; ``whitening``: StableEdit's eigendecomposition (0 for editors that do not whiten); ``solve``: the
+    ridge shifts of all targets; ``update``: the whole ``editor.update`` (statistics + whitening + pseudo-values +
+    solve, as one program). The turn's remainder (adding the shifts, diagnostics, the carry) is the turn time minus
+    ``features`` and ``update``.
+    """
+    params, cfg = model.params, editor.config
+    feats_fn = jax.jit(lambda p, b: turn_features(model.apply, p, targets, b, max_rows=max_rows)[0])
+    feats = feats_fn(params, batch)
+    state = editor.init({t: tuple(get_module(params, t)["kernel"].shape) for t in targets})
+
+    def stats(f, s):
+        rows = check_features(f, s)
+        return {g: fold_group_features(s.stats[g], f, rows, names, cfg.variance)
+                for g, names in group_members(s.targets).items()}
+
+    stats_fn = jax.jit(stats)
+    new_stats = stats_fn(feats, state)
+    nu0 = lambda st: float(st.d_out + 2) if cfg.nu0 == "min" else float(cfg.nu0)
+    white_fn = jax.jit(lambda st: {g: ln.whitening_matrix(x, cfg.eps0, nu0(x), cfg.eig_floor) for g, x in st.items()})
+    solve_fn = jax.jit(lambda f: {t: ridge_shift(f[t].keys, f[t].value_grads, cfg.alpha, f[t].mask, cfg.solve_method)
+                                  for t in targets})
+    update_fn = jax.jit(lambda f, s: editor.update(f, s)[0])
+    out = {"features": _timed(lambda: feats_fn(params, batch), repeats),
+           "statistics": _timed(lambda: stats_fn(feats, state), repeats),
+           "whitening": _timed(lambda: white_fn(new_stats), repeats) if cfg.whiten else 0.0,
+           "solve": _timed(lambda: solve_fn(feats), repeats),
+           "update": _timed(lambda: update_fn(feats, state), repeats)}
+    return out
+
+
+def _timed(fn, repeats):
+    jax.block_until_ready(fn())
+    return _median_time(fn, repeats)
+
+
+def bench_model(name, turns_per_chunk, repeats, edits=100, seed=0, dtype="float32"):
     cfg, targets = SHAPES[name]
-    model = Model(cfg, init_params(cfg, jax.random.PRNGKey(seed)))
+    model = Model(cfg, init_params(cfg, jax.random.PRNGKey(seed), dtype=jnp.dtype(dtype)))
     rng = np.random.default_rng(seed)
     ex = [(list(rng.integers(3, cfg.vocab_size, rng.integers(8, 14))), list(rng.integers(3, cfg.vocab_size,
                                                                                           rng.integers(1, 5))))
@@ -58,7 +117,8 @@ def bench_model(name, turns_per_chunk, repeats, edits=100, seed=0):
     tb, _ = pack_turns(ex, edits)
     xs = slice_chunk(tb, np.zeros(turns_per_chunk, bool), 0, turns_per_chunk)
     max_rows = int((np.asarray(tb.labels) != -100).reshape(turns_per_chunk, -1).sum(1).max())
-    out = {}
+    out = {"dtype": dtype, "components": {}}
+    one = jax.tree_util.tree_map(lambda a: jnp.asarray(a[0]), xs[0])
     for ed_name in ("ultraedit", "stableedit"):
         editor = lx.editors.get(ed_name, lr=1e-4)
         chunk_fn = make_chunk_fn(make_turn_fn(model.apply, editor, targets, max_rows=max_rows))
@@ -71,6 +131,9 @@ def bench_model(name, turns_per_chunk, repeats, edits=100, seed=0):
             return d["loss"]
 
         out[ed_name] = _median_time(run_chunk, repeats) / turns_per_chunk
+        parts = component_times(model, editor, targets, one, max_rows, repeats)
+        parts["rest"] = out[ed_name] - parts["features"] - parts["update"]
+        out["components"][ed_name] = parts
 
     # The unavoidable part: forward + backward of the turn's mini-batch losses w.r.t. the target kernels (the
     # frozen weights are an argument, as in edit_sequence, not constants folded into the program).
@@ -85,14 +148,35 @@ def bench_model(name, turns_per_chunk, repeats, edits=100, seed=0):
             return jnp.sum(ce * w)
         return jax.grad(loss)(kernels)
 
-    one = jax.tree_util.tree_map(lambda a: jnp.asarray(a[0]), xs[0])
     jax.block_until_ready(fwd_bwd(kernels, frozen, one))
     out["forward_backward"] = _median_time(lambda: fwd_bwd(kernels, frozen, one), repeats)
     out["ratio_ultraedit_over_fwd_bwd"] = out["ultraedit"] / out["forward_backward"]
     out["ratio_stableedit_over_fwd_bwd"] = out["stableedit"] / out["forward_backward"]
     out["ratio_stableedit_over_ultraedit"] = out["stableedit"] / out["ultraedit"]
     out["rows_per_turn"] = max_rows
+    out["turns_per_chunk"] = turns_per_chunk
+    stats = jax.devices()[0].memory_stats() or {}
+    if "peak_bytes_in_use" in stats:  # accelerators report it; the CPU backend does not
+        out["peak_memory_gib"] = stats["peak_bytes_in_use"] / 2 ** 30
+    out["projected_seconds_20k_edits"] = {ed: out[ed] * 20000 / edits for ed in ("ultraedit", "stableedit")}
     return out
+
+
+def bench_threshold(d_in=1536, d_out=576, sizes=(384, 768, 1536, 3072), repeats=3):
+    """Primal vs dual ridge solve on both sides of ``choose_method``'s threshold (N = d_in): seconds of each,
+    which ``"auto"`` picks and whether that is the faster one."""
+    rng = np.random.default_rng(1)
+    primal = jax.jit(lambda K, V: lx.solve.ridge_primal(K, V, 10.0))
+    dual = jax.jit(lambda K, V: lx.solve.ridge_dual(K, V, 10.0))
+    rows = []
+    for n in sizes:
+        K = jnp.asarray(rng.normal(size=(n, d_in)).astype(np.float32))
+        V = jnp.asarray(rng.normal(size=(n, d_out)).astype(np.float32))
+        tp, td = _timed(lambda: primal(K, V), repeats), _timed(lambda: dual(K, V), repeats)
+        auto = lx.solve.choose_method(n, d_in)
+        rows.append({"n": n, "d_in": d_in, "d_out": d_out, "primal_s": tp, "dual_s": td, "auto": auto,
+                     "auto_is_faster": (auto == "dual") == (td <= tp)})
+    return rows
 
 
 def bench_solve(d_in=14336, d_out=4096, n=1500, repeats=2):
@@ -112,21 +196,33 @@ def bench_solve(d_in=14336, d_out=4096, n=1500, repeats=2):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", default="default,gpt2-small")
-    ap.add_argument("--turns-per-chunk", type=int, default=4)
+    ap.add_argument("--turns-per-chunk", type=int, default=DEFAULT_TURNS,
+                    help="turns in the timed scan (the larger shapes use 2 unless this is given)")
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--dtypes", default="float32,bfloat16", help="model parameter dtypes to benchmark")
     ap.add_argument("--skip-solve", action="store_true")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
     results = {"device": str(jax.devices()[0]), "models": {}}
     for name in [m for m in args.models.split(",") if m]:
-        big = name == "gpt2-small"
-        r = bench_model(name, 2 if big else args.turns_per_chunk, 2 if big else args.repeats)
-        results["models"][name] = r
-        print(f"{name:<12} per turn: ultraedit {r['ultraedit'] * 1e3:8.1f} ms  stableedit {r['stableedit'] * 1e3:8.1f} ms"
-              f"  fwd+bwd {r['forward_backward'] * 1e3:8.1f} ms | edit/fwd+bwd: ultra "
-              f"{r['ratio_ultraedit_over_fwd_bwd']:.2f} stable {r['ratio_stableedit_over_fwd_bwd']:.2f} | "
-              f"stable/ultra {r['ratio_stableedit_over_ultraedit']:.2f}", flush=True)
+        for dtype in [d for d in args.dtypes.split(",") if d]:
+            big = name in BIG and args.turns_per_chunk == DEFAULT_TURNS
+            r = bench_model(name, 2 if big else args.turns_per_chunk, 2 if big else args.repeats, dtype=dtype)
+            results["models"][f"{name}/{dtype}"] = r
+            print(f"{name + ' ' + dtype:<20} per turn: ultraedit {r['ultraedit'] * 1e3:8.1f} ms  stableedit "
+                  f"{r['stableedit'] * 1e3:8.1f} ms  fwd+bwd {r['forward_backward'] * 1e3:8.1f} ms | edit/fwd+bwd: "
+                  f"ultra {r['ratio_ultraedit_over_fwd_bwd']:.2f} stable {r['ratio_stableedit_over_fwd_bwd']:.2f} | "
+                  f"stable/ultra {r['ratio_stableedit_over_ultraedit']:.2f}"
+                  + (f" | peak {r['peak_memory_gib']:.1f} GiB" if "peak_memory_gib" in r else ""), flush=True)
+            for ed, parts in r["components"].items():
+                print(f"{'':<20}   {ed:<10} " + "  ".join(f"{k} {v * 1e3:7.1f} ms" for k, v in parts.items()),
+                      flush=True)
     if not args.skip_solve:
+        for row in bench_threshold():
+            results.setdefault("threshold", []).append(row)
+            print(f"ridge N={row['n']:>5} d_in={row['d_in']}: primal {row['primal_s'] * 1e3:8.1f} ms  dual "
+                  f"{row['dual_s'] * 1e3:8.1f} ms  auto={row['auto']} ({'faster' if row['auto_is_faster'] else 'SLOWER'})",
+                  flush=True)
         s = bench_solve()
         results["solve"] = s
         print(f"ridge solve d_in={s['d_in']} d_out={s['d_out']} N={s['n']}: primal {s['primal_s']:.2f}s, dual "

@@ -166,18 +166,27 @@ def during_run_metrics(cfg: RunConfig, model, job: Job) -> Callable:
     """The ``Evaluation`` hook's function of ``lnjax run``: teacher-forced metrics, locality vs the unedited model
     and retention per turn, on the edits applied so far."""
 
-    def evaluate(params, applied: int) -> dict:
+    def evaluate(params, applied: int) -> Optional[dict]:
+        if applied >= cfg.turns:
+            return None  # the last point comes from the final evaluation (``run_editor``), not a second pass
         n = applied * cfg.edits_per_turn
         sub = job.eval_set.subset(np.arange(n))
         m = eval_lib.evaluate(model.apply, params, sub, job.base_loc[:n], ("teacher_forced", "locality_vs_unedited"),
                               per_example=True)
-        ret = eval_lib.retention_by_turn(m["per_example"]["teacher_forced.efficacy"], job.turn_of_example[:n],
-                                         cfg.turns)
-        return {"edits": n, "turns": applied, "teacher_forced": m["teacher_forced"],
-                "locality_vs_unedited": m["locality_vs_unedited"],
-                "retention_by_turn": [None if np.isnan(x) else float(x) for x in ret[:applied]]}
+        return curve_point(cfg, job, m, applied)
 
     return evaluate
+
+
+def curve_point(cfg: RunConfig, job: Job, metrics: dict, applied: int) -> dict:
+    """One point of the during-run curve from ``evaluate(..., per_example=True)`` metrics of the first
+    ``applied`` turns' edits: teacher-forced metrics, locality vs unedited and retention per turn."""
+    n = applied * cfg.edits_per_turn
+    ret = eval_lib.retention_by_turn(metrics["per_example"]["teacher_forced.efficacy"], job.turn_of_example[:n],
+                                     cfg.turns)
+    return {"edits": n, "turns": applied, "teacher_forced": metrics["teacher_forced"],
+            "locality_vs_unedited": metrics["locality_vs_unedited"],
+            "retention_by_turn": [None if np.isnan(x) else float(x) for x in ret[:applied]]}
 
 
 def run_editor(name: str, cfg: RunConfig, model, targets: tuple, job: Job, *, checkpoint_dir: Optional[str] = None,
@@ -205,7 +214,11 @@ def run_editor(name: str, cfg: RunConfig, model, targets: tuple, job: Job, *, ch
                         host_state=host, run_config=cfg.to_json(), **options)
     jax.block_until_ready(res.params)
     t_edit = time.time() - t0
-    metrics = eval_lib.evaluate(model.apply, res.params, job.eval_set, job.base_loc, _protocols(cfg))
+    metrics = eval_lib.evaluate(model.apply, res.params, job.eval_set, job.base_loc, _protocols(cfg),
+                                per_example=True)
+    if cfg.eval_every > 0:  # every chunk ends with an evaluation; the last one is this final evaluation
+        host["curve"].append(curve_point(cfg, job, metrics, cfg.turns))
+    del metrics["per_example"]
     metrics["during_run"] = host["curve"]
     metrics["rejected_turns"] = int(res.editor_state.rejected)
     metrics.update(extra)
