@@ -4,7 +4,8 @@ Prints, per model shape (the embedded default; GPT-2 small; SmolLM2-135M) and pa
 bfloat16), with random weights and random edits:
 - per-turn time of the compiled scan / time of the turn's forward+backward alone (goal <= 1.15);
 - StableEdit per-turn time / UltraEdit per-turn time (goal <= 1.15);
-- where a turn's time goes (``component_times``: features, statistics, whitening, solve, the whole update, rest);
+- where a turn's time goes, from a profiler trace of the compiled scan (``profile_chunk``: features, statistics,
+  whitening, pseudo-values, solve, apply, evaluation);
 then primal vs dual ridge solves on both sides of the automatic choice's threshold, and the dual (Woodbury)
 solve's speed-up over the primal at d_in=14336, d_out=4096, N=1500.
 
@@ -20,6 +21,7 @@ Timings are medians over repeats of an already compiled program, measured in one
 import argparse
 import json
 import os
+import re
 import sys
 import time
 
@@ -34,11 +36,6 @@ from lnjax.batching import pack_turns  # noqa: E402
 from lnjax.models import Model, ModelConfig, init_params  # noqa: E402
 from lnjax.probe import token_log_likelihood, minibatch_weights  # noqa: E402
 from lnjax.engine import init_carry, make_chunk_fn, make_turn_fn, slice_chunk  # noqa: E402
-from lnjax import ln  # noqa: E402
-from lnjax.models import get_module  # noqa: E402
-from lnjax.probe import turn_features  # noqa: E402
-from lnjax.protocol import check_features, fold_group_features, group_members  # noqa: E402
-from lnjax.solve import ridge_shift  # noqa: E402
 
 SHAPES = {
     "default": (ModelConfig(arch="llama", vocab_size=423, d_model=128, n_layers=4, n_heads=4, n_kv_heads=2,
@@ -68,38 +65,43 @@ def _median_time(fn, repeats):
     return float(np.median(times))
 
 
-def component_times(model, editor, targets, batch, max_rows, repeats):
-    """Where one turn's time goes: each piece of the turn jitted alone on the same inputs (seconds).
+# The named scopes of a turn (lnjax.engine and the LN editors); an op belongs to the innermost one on its path.
+PARTS = ("features", "statistics", "whitening", "solve", "update", "apply", "evaluation")
 
-    ``features``: the probe's forward + backward and the row gather; ``statistics``: folding the rows into the LN
-    statistics; ``whitening``: StableEdit's eigendecomposition (0 for editors that do not whiten); ``solve``: the
-    ridge shifts of all targets; ``update``: the whole ``editor.update`` (statistics + whitening + pseudo-values +
-    solve, as one program). The turn's remainder (adding the shifts, diagnostics, the carry) is the turn time minus
-    ``features`` and ``update``.
-    """
-    params, cfg = model.params, editor.config
-    feats_fn = jax.jit(lambda p, b: turn_features(model.apply, p, targets, b, max_rows=max_rows)[0])
-    feats = feats_fn(params, batch)
-    state = editor.init({t: tuple(get_module(params, t)["kernel"].shape) for t in targets})
 
-    def stats(f, s):
-        rows = check_features(f, s)
-        return {g: fold_group_features(s.stats[g], f, rows, names, cfg.variance)
-                for g, names in group_members(s.targets).items()}
-
-    stats_fn = jax.jit(stats)
-    new_stats = stats_fn(feats, state)
-    nu0 = lambda st: float(st.d_out + 2) if cfg.nu0 == "min" else float(cfg.nu0)
-    white_fn = jax.jit(lambda st: {g: ln.whitening_matrix(x, cfg.eps0, nu0(x), cfg.eig_floor) for g, x in st.items()})
-    solve_fn = jax.jit(lambda f: {t: ridge_shift(f[t].keys, f[t].value_grads, cfg.alpha, f[t].mask, cfg.solve_method)
-                                  for t in targets})
-    update_fn = jax.jit(lambda f, s: editor.update(f, s)[0])
-    out = {"features": _timed(lambda: feats_fn(params, batch), repeats),
-           "statistics": _timed(lambda: stats_fn(feats, state), repeats),
-           "whitening": _timed(lambda: white_fn(new_stats), repeats) if cfg.whiten else 0.0,
-           "solve": _timed(lambda: solve_fn(feats), repeats),
-           "update": _timed(lambda: update_fn(feats, state), repeats)}
+def _hlo_parts(hlo_text: str) -> dict:
+    """HLO op name -> turn part, from the named scope path in each op's ``op_name`` metadata (``update`` =
+    the editor's own work outside statistics / whitening / solve: pseudo-values, checks)."""
+    out = {}
+    for m in re.finditer(r"%([\w.\-]+) = [^\n]*?op_name=\"([^\"]*)\"", hlo_text):
+        scopes = [p for p in m.group(2).split("/") if p in PARTS]
+        out[m.group(1)] = scopes[-1] if scopes else "other"
     return out
+
+
+def profile_chunk(chunk_fn, args: tuple, turns: int, repeats: int = 2) -> dict:
+    """Where a compiled chunk's time goes, from a profiler trace: milliseconds per turn per part (features,
+    statistics, whitening, solve, update, apply, evaluation, other), summing the executed ops' durations.
+    ``args`` are ``(carry, frozen, xs)``; the carry is donated, so a fresh copy is used per call."""
+    import glob
+    import gzip
+    import tempfile
+
+    copy = lambda: (jax.tree_util.tree_map(lambda a: jnp.array(a, copy=True), args[0]),) + tuple(args[1:])
+    parts = _hlo_parts(chunk_fn.lower(*copy()).compile().as_text())
+    jax.block_until_ready(chunk_fn(*copy()))
+    where = tempfile.mkdtemp(prefix="lnjax_profile_")
+    jax.profiler.start_trace(where, create_perfetto_trace=True)
+    for _ in range(repeats):
+        jax.block_until_ready(chunk_fn(*copy()))
+    jax.profiler.stop_trace()
+    trace = json.load(gzip.open(sorted(glob.glob(os.path.join(where, "**", "*.trace.json.gz"), recursive=True))[-1]))
+    totals: dict = {}
+    for e in trace["traceEvents"] if isinstance(trace, dict) else trace:
+        op = (e.get("args") or {}).get("hlo_op")
+        if e.get("ph") == "X" and op in parts:
+            totals[parts[op]] = totals.get(parts[op], 0.0) + e["dur"] / 1e3 / repeats / turns
+    return dict(sorted(totals.items(), key=lambda kv: -kv[1]))
 
 
 def _timed(fn, repeats):
@@ -131,9 +133,7 @@ def bench_model(name, turns_per_chunk, repeats, edits=100, seed=0, dtype="float3
             return d["loss"]
 
         out[ed_name] = _median_time(run_chunk, repeats) / turns_per_chunk
-        parts = component_times(model, editor, targets, one, max_rows, repeats)
-        parts["rest"] = out[ed_name] - parts["features"] - parts["update"]
-        out["components"][ed_name] = parts
+        out["components"][ed_name] = profile_chunk(chunk_fn, (state["carry"], frozen, xs), turns_per_chunk)
 
     # The unavoidable part: forward + backward of the turn's mini-batch losses w.r.t. the target kernels (the
     # frozen weights are an argument, as in edit_sequence, not constants folded into the program).
@@ -215,8 +215,8 @@ def main(argv=None):
                   f"stable/ultra {r['ratio_stableedit_over_ultraedit']:.2f}"
                   + (f" | peak {r['peak_memory_gib']:.1f} GiB" if "peak_memory_gib" in r else ""), flush=True)
             for ed, parts in r["components"].items():
-                print(f"{'':<20}   {ed:<10} " + "  ".join(f"{k} {v * 1e3:7.1f} ms" for k, v in parts.items()),
-                      flush=True)
+                print(f"{'':<20}   {ed:<10} profile, ms per turn: " +
+                      "  ".join(f"{k} {v:.1f}" for k, v in parts.items()), flush=True)
     if not args.skip_solve:
         for row in bench_threshold():
             results.setdefault("threshold", []).append(row)

@@ -150,8 +150,9 @@ def _shifts(cfg: LNConfig, state: EditorState, features: Mapping[str, Features],
             white: dict) -> dict:
     """Pseudo-values and ridge shifts per target (docs/method.md §4-5; the key metric, once per turn per group,
     is the lnjax extension of §13)."""
-    metrics = {group: key_metric(stats, cfg.key_prior) for group, stats in new_stats.items()} \
-        if cfg.tracks_keys else {}
+    with jax.named_scope("solve"):
+        metrics = {group: key_metric(stats, cfg.key_prior) for group, stats in new_stats.items()} \
+            if cfg.tracks_keys else {}
     deltas = {}
     for name, d_in, d_out, group in state.targets:
         f = features[name]
@@ -169,7 +170,8 @@ def _shifts(cfg: LNConfig, state: EditorState, features: Mapping[str, Features],
                 g_hat = jnp.where(use, ln.whiten(stats, g, mat), g_hat)
         values = -cfg.lr * jnp.sum(k_hat * k_hat, axis=1, keepdims=True) * g_hat
         values = jnp.where(mask[:, None], values, 0.0)
-        deltas[name] = ridge_shift(k, values, cfg.alpha, mask, cfg.solve_method, metrics.get(group))
+        with jax.named_scope("solve"):
+            deltas[name] = ridge_shift(k, values, cfg.alpha, mask, cfg.solve_method, metrics.get(group))
     return deltas
 
 
@@ -199,8 +201,10 @@ def ln_editor(config: LNConfig) -> Editor:
                params=None, turn=None) -> tuple[dict, EditorState]:
         del params, turn  # the LN family needs features only (``needs`` is the default)
         rows = check_features(features, state)
-        new_stats = _merged_stats(cfg, state, features, rows)
-        white = _whitening(cfg, new_stats, _as_bool(warmup))
+        with jax.named_scope("statistics"):
+            new_stats = _merged_stats(cfg, state, features, rows)
+        with jax.named_scope("whitening"):
+            white = _whitening(cfg, new_stats, _as_bool(warmup))
         deltas = _shifts(cfg, state, features, rows, new_stats, white)
         return _reject_nonfinite(cfg, state, deltas, new_stats)
 

@@ -174,9 +174,17 @@ def make_turn_fn(apply: Callable, editor: Editor, targets: Sequence[str], *, min
         batch, is_warmup, active = xs
         turn_in = EditTurn.of(batch)
         active = active & ~carry.halted
-        features, kwargs, loss, n_rows = editor_inputs(apply, editor, join(frozen, carry.kernels), targets,
-                                                       turn_in, minibatch_size=minibatch_size, max_rows=max_rows)
-        deltas, est = editor.update(features, carry.editor_state, warmup=is_warmup, **kwargs)
+        # Named scopes label each part of the turn in profiles (experiments/bench_engine.py reads them).
+        with jax.named_scope("features"):
+            features, kwargs, loss, n_rows = editor_inputs(apply, editor, join(frozen, carry.kernels), targets,
+                                                           turn_in, minibatch_size=minibatch_size,
+                                                           max_rows=max_rows)
+        with jax.named_scope("update"):
+            deltas, est = editor.update(features, carry.editor_state, warmup=is_warmup, **kwargs)
+        with jax.named_scope("apply"):
+            return _apply_turn(carry, frozen, turn_in, deltas, est, active, loss, n_rows)
+
+    def _apply_turn(carry, frozen, turn_in, deltas, est, active, loss, n_rows):
         kernels = {t: carry.kernels[t] + deltas[t].astype(carry.kernels[t].dtype) for t in targets}
         norms, cosines = _shift_diagnostics(deltas, carry.prev_deltas, targets)
         rejected_now = est.rejected > carry.editor_state.rejected
@@ -190,9 +198,10 @@ def make_turn_fn(apply: Callable, editor: Editor, targets: Sequence[str], *, min
                 "count": jnp.stack([s.count for s in stats.values()]) if stats else jnp.zeros((0,), jnp.int32),
                 "rejected": est.rejected, "active": active}
         if track_accuracy:
-            logits = apply(join(frozen, kernels), turn_in.edit.input_ids, turn_in.edit.attention_mask)
-            acc, has = edit_accuracy(logits, turn_in.edit.labels)
-            diag["accuracy"] = jnp.sum(acc * has) / jnp.maximum(jnp.sum(has), 1)
+            with jax.named_scope("evaluation"):
+                logits = apply(join(frozen, kernels), turn_in.edit.input_ids, turn_in.edit.attention_mask)
+                acc, has = edit_accuracy(logits, turn_in.edit.labels)
+                diag["accuracy"] = jnp.sum(acc * has) / jnp.maximum(jnp.sum(has), 1)
         return new, diag
 
     return turn
