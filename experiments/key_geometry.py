@@ -12,7 +12,8 @@ records, as the tuning sweep uses) and their locality prompts, at the supervised
 - leverage: for a turn of ``n`` edits with keys ``K`` and the ridge ``α``, a locality key ``k`` receives
   ``h = k Kᵀ(KKᵀ + αI)⁻¹`` times the turn's pseudo-values, so ``‖h‖`` (mean over locality keys) is how strongly
   a turn's writes leak into facts it does not edit. An edit key's own row has ``‖h‖ ≈ 1``; well-separated keys
-  give ``‖h‖ ≪ 1``.
+  give ``‖h‖ ≪ 1``. ``own leverage`` is the same for the turn's own edit keys (first answer position), for
+  comparison; ``--standardize`` measures all of it on keys standardized as the LN editors see them.
 
 Writes ``key_geometry.json`` and ``summary.md``.
 """
@@ -62,6 +63,8 @@ def main(argv=None):
     ap.add_argument("--turn-sizes", default="10,20,50,100")
     ap.add_argument("--dataset", choices=("world", "facts"), default="world")
     ap.add_argument("--layers", default="", help="comma-separated layer indices (default: every layer)")
+    ap.add_argument("--standardize", action="store_true",
+                    help="measure on keys standardized with the edit keys' mean and std, as LN editors solve over")
     args = ap.parse_args(argv)
     if args.model is None or os.path.exists(os.path.join(args.model, "report.json")):
         model = world_model.load(args.model) if args.model else world_model.default_model()
@@ -81,6 +84,11 @@ def main(argv=None):
     sizes = [int(x) for x in args.turn_sizes.split(",")]
     out = {"model": args.model or "world", "dataset": args.dataset, "edits": args.edits, "alpha": args.alpha,
            "d_model": model.config.d_model, "targets": {}}
+    if args.standardize:
+        for t in targets:
+            mu, sd = edit_keys[t].mean(0), edit_keys[t].std(0) + 1e-6
+            edit_keys[t], loc_keys[t] = (edit_keys[t] - mu) / sd, (loc_keys[t] - mu) / sd
+        out["standardized"] = True
     for t in targets:
         k = edit_keys[t]
         eig = np.linalg.eigvalsh(np.cov(k.T))[::-1]
@@ -92,19 +100,25 @@ def main(argv=None):
             "nearest_edit_cosine": float(cos.max(1).mean()), "mean_cosine": float(cos.mean()),
             "leverage_by_turn_size": {str(n): float(leverage(loc_keys[t][loc_first], k[edit_of_row < n],
                                                              args.alpha).mean()) for n in sizes},
+            # the same for the turn's own first-answer keys: what a key that *is* edited receives
+            "own_leverage_by_turn_size": {str(n): float(leverage(k[edit_first & (edit_of_row < n)],
+                                                                 k[edit_of_row < n], args.alpha).mean())
+                                          for n in sizes},
         }
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "key_geometry.json"), "w") as f:
         json.dump(out, f, indent=2)
     head = "| target | d_in | eff. dim (PR) | dims for 90% | nearest-edit cos | " + \
-        " | ".join(f"leverage n={n}" for n in sizes) + " |"
-    lines = [f"# Key geometry of {out['model']} on {args.dataset} edits (d_model {out['d_model']}, α {args.alpha})",
-             "", head,
-             "|" + "---|" * (5 + len(sizes))]
+        " | ".join(f"leverage n={n}" for n in sizes) + f" | own leverage n={sizes[-1]} |"
+    kind = "standardized keys" if args.standardize else "raw keys"
+    lines = [f"# Key geometry of {out['model']} on {args.dataset} edits (d_model {out['d_model']}, α {args.alpha}, "
+             f"{kind})", "", head,
+             "|" + "---|" * (6 + len(sizes))]
     for t, r in out["targets"].items():
         lines.append(f"| {t} | {r['d_in']} | {r['participation_ratio']:.1f} | {r['dims_for_90pct_variance']} | "
                      f"{r['nearest_edit_cosine']:.2f} | " +
-                     " | ".join(f"{r['leverage_by_turn_size'][str(n)]:.2f}" for n in sizes) + " |")
+                     " | ".join(f"{r['leverage_by_turn_size'][str(n)]:.2f}" for n in sizes) +
+                     f" | {r['own_leverage_by_turn_size'][str(sizes[-1])]:.2f} |")
     summary = "\n".join(lines) + "\n"
     with open(os.path.join(args.out, "summary.md"), "w") as f:
         f.write(summary)
