@@ -19,7 +19,9 @@ class ModelConfig:
 
     ``arch`` is one of ``ARCHITECTURES``; ``d_ff`` is ``intermediate_size`` / ``n_inner``; ``n_kv_heads`` is
     ``num_key_value_heads``; ``rotary_dim`` is GPT-J's partial rotary width; ``max_positions`` is GPT-2's learned
-    position table size; ``rope_scaling`` is a hashable tuple of (key, value) pairs.
+    position table size; ``rope_scaling`` is a hashable tuple of (key, value) pairs. ``mlp_topk`` > 0 (an lnjax
+    option with no HF counterpart) keeps only the ``mlp_topk`` largest-magnitude MLP activations per token: a
+    sparse, wide key code at every ``down_proj`` (the sparse-memory testbed of experiments/REPORT.md §8).
     """
 
     arch: str
@@ -43,12 +45,15 @@ class ModelConfig:
     activation: str = "silu"
     bos_token_id: Optional[int] = None
     eos_token_id: Optional[int] = None
+    mlp_topk: int = 0
 
     def __post_init__(self):
         if self.arch not in ARCHITECTURES:
             raise ValueError(f"unknown architecture {self.arch!r}; supported: {ARCHITECTURES}")
         if self.n_heads % self.kv_heads:
             raise ValueError(f"n_heads={self.n_heads} is not a multiple of n_kv_heads={self.kv_heads}")
+        if not 0 <= self.mlp_topk <= self.d_ff:
+            raise ValueError(f"mlp_topk={self.mlp_topk} must lie in [0, d_ff={self.d_ff}]")
 
     @property
     def kv_heads(self) -> int:
@@ -84,6 +89,9 @@ def hf_common(hf: dict) -> dict:
 
 
 def hf_common_out(cfg: ModelConfig, dtype: str) -> dict:
-    """The HF config fields every architecture writes alike."""
+    """The HF config fields every architecture writes alike; CheckpointError for a config HF cannot express
+    (``mlp_topk``)."""
+    if cfg.mlp_topk:
+        refuse("config_to_hf", "mlp_topk", cfg.mlp_topk, "a sparse MLP code has no transformers counterpart")
     return {"vocab_size": cfg.vocab_size, "bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id,
             "torch_dtype": dtype, "tie_word_embeddings": cfg.tie_embeddings}

@@ -28,6 +28,17 @@ def block_output(h: jax.Array, layer: dict) -> jax.Array:
     return h if hook is None else hook(h)
 
 
+def keep_topk(x: jax.Array, k: int) -> jax.Array:
+    """``x`` [..., d] with all but its ``k`` largest-magnitude entries (per row) set to zero; ``k`` = 0 keeps all.
+
+    Ties at the k-th magnitude keep every tied entry. Gradients flow through the kept entries only.
+    """
+    if not k:
+        return x
+    kth = jax.lax.top_k(jnp.abs(x), k)[0][..., -1:]
+    return jnp.where(jnp.abs(x) >= kth, x, jnp.zeros_like(x))
+
+
 def rms_norm(x: jax.Array, p: dict, eps: float) -> jax.Array:
     """RMSNorm computed in float32 and cast back, as HF Llama/Mistral/Qwen2 do; x [..., d]."""
     xf = x.astype(jnp.float32)

@@ -12,8 +12,8 @@ import jax.numpy as jnp
 
 from ..checkpoint import CheckpointError
 from .config import ModelConfig, hf_activation, hf_common, hf_common_out, refuse
-from .layers import (ACTIVATIONS, attend, attention_bias, block_output, linear, rms_norm, rope_frequencies,
-                     rotate_half)
+from .layers import (ACTIVATIONS, attend, attention_bias, block_output, keep_topk, linear, rms_norm,
+                     rope_frequencies, rotate_half)
 
 
 def _proj(d_in: int, d_out: int, bias: bool) -> dict:
@@ -67,7 +67,8 @@ def hidden_states(params: dict, input_ids: jax.Array, attention_mask: jax.Array,
         h = h + linear(attend(q, k, v, allowed, hd ** -0.5), a["o_proj"])
         x = rms_norm(h, layer["post_attention_layernorm"], cfg.norm_eps)
         f = layer["mlp"]
-        mlp_out = linear(act(linear(x, f["gate_proj"])) * linear(x, f["up_proj"]), f["down_proj"])
+        code = keep_topk(act(linear(x, f["gate_proj"])) * linear(x, f["up_proj"]), cfg.mlp_topk)
+        mlp_out = linear(code, f["down_proj"])
         h = block_output(h + mlp_out, layer)
     return rms_norm(h, m["norm"], cfg.norm_eps)
 
