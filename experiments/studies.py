@@ -1,6 +1,7 @@
 """The StableEdit paper's studies on the embedded world, one command each (issue: "The studies").
 
     python experiments/studies.py ln_onoff   [--quick] [--out runs/studies]   # Fig. 1a: LN on/off
+    python experiments/studies.py ln_onoff --editors hypernets   # Fig. 1a for RLEdit, MALMEN and MEND
     python experiments/studies.py cumulative [--quick]                        # Fig. 1b: early edits help later ones
     python experiments/studies.py theory     [--quick]                        # ‖ΔW_t‖ and cos(ΔW_t, ΔW_{t-1})
     python experiments/studies.py ablations  [--quick]                        # warm-up, whitening, α, lr, pooling
@@ -46,16 +47,23 @@ def _sizes(quick):
     return (2, 20) if quick else (20, 100)
 
 
-def study_ln_onoff(out, quick):
-    """Fig. 1a: UltraEdit and StableEdit with lifelong normalization vs no and per-turn normalization."""
+LN_ONOFF_EDITORS = ("stableedit", "ultraedit", "no_normalization", "per_turn_normalization")
+# Fig. 1a's other two systems and MEND, each beside its LN-off twin (meta-trained first when not cached).
+HYPERNET_PAIRS = ("rledit", "rledit_no_normalization", "malmen", "malmen_no_normalization", "mend",
+                  "mend_no_normalization")
+
+
+def study_ln_onoff(out, quick, editors=None):
+    """Fig. 1a: UltraEdit and StableEdit with lifelong normalization vs no and per-turn normalization (or the
+    given ``editors``, e.g. ``HYPERNET_PAIRS``)."""
     turns, per = _sizes(quick)
-    names = ("stableedit", "ultraedit", "no_normalization", "per_turn_normalization")
+    names = tuple(editors or LN_ONOFF_EDITORS)
     cfg = RunConfig(editors=names, turns=turns, edits_per_turn=per, eval_every=0 if quick else 5,
                     generation=not quick)
     res = run(cfg, os.path.join(out, "ln_onoff", "run"), progress=not quick)
     table = format_table(res)
     paper = ("Paper (Llama-3-8B, ZsRE 20K, teacher-forced ES/GS/LS): UltraEdit with LN 90.1/87.4/49.5, without LN "
-             "36.8/35.8/38.9.")
+             "36.8/35.8/38.9; RLEdit 91.1/89.6/41.4 vs 54.8/52.3/46.9; MALMEN 66.8/59.2/15.8 vs 8.8/8.5/17.7.")
     summary = f"# LN on/off ({turns * per} edits, {turns} turns)\n\n```\n{table}\n```\n\n{paper}\n"
     return _write(out, "ln_onoff", cfg.to_json(), res, summary)
 
@@ -194,9 +202,17 @@ def main(argv=None):
     ap.add_argument("study", choices=sorted(STUDIES))
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--out", default="runs/studies")
+    ap.add_argument("--editors", default=None,
+                    help="ln_onoff only: comma-separated editors, or 'hypernets' for " + ",".join(HYPERNET_PAIRS))
     args = ap.parse_args(argv)
     t = time.time()
-    STUDIES[args.study](args.out, args.quick)
+    if args.editors:
+        if args.study != "ln_onoff":
+            ap.error("--editors applies to the ln_onoff study only")
+        names = HYPERNET_PAIRS if args.editors == "hypernets" else tuple(args.editors.split(","))
+        study_ln_onoff(args.out, args.quick, names)
+    else:
+        STUDIES[args.study](args.out, args.quick)
     print(f"{args.study}: {time.time() - t:.0f}s")
 
 
