@@ -125,7 +125,9 @@ def bench_model(name, turns_per_chunk, repeats, edits=100, seed=0, dtype="float3
         editor = lx.editors.get(ed_name, lr=1e-4)
         chunk_fn = make_chunk_fn(make_turn_fn(model.apply, editor, targets, max_rows=max_rows))
         frozen, carry = init_carry(model.params, editor, targets)
-        carry, _ = chunk_fn(carry, frozen, xs)          # compile + warm
+        # compile + warm, finished before timing starts (dispatch is asynchronous: an unfinished warm-up call
+        # would be billed to the first timed one)
+        carry = jax.block_until_ready(chunk_fn(carry, frozen, xs))[0]
         state = {"carry": carry}
 
         def run_chunk():
