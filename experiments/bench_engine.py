@@ -164,9 +164,10 @@ def bench_model(name, turns_per_chunk, repeats, edits=100, seed=0, dtype="float3
     return out
 
 
-def bench_threshold(d_in=1536, d_out=576, sizes=(384, 768, 1536, 3072), repeats=3):
+def bench_threshold(d_in=1536, d_out=576, sizes=(384, 1152, 1536, 2048, 3072), repeats=3):
     """Primal vs dual ridge solve on both sides of ``choose_method``'s threshold (N = d_in): seconds of each,
-    which ``"auto"`` picks and whether that is the faster one."""
+    which ``"auto"`` picks and whether that is the faster one. At N = d_in the two forms cost the same flops
+    (each term of one is the other's with N and d_in swapped), so either answer is right there."""
     rng = np.random.default_rng(1)
     primal = jax.jit(lambda K, V: lx.solve.ridge_primal(K, V, 10.0))
     dual = jax.jit(lambda K, V: lx.solve.ridge_dual(K, V, 10.0))
