@@ -4,6 +4,7 @@
     python experiments/studies.py ln_onoff --editors hypernets   # Fig. 1a for RLEdit, MALMEN and MEND
     python experiments/studies.py cumulative [--quick]                        # Fig. 1b: early edits help later ones
     python experiments/studies.py cumulative --editors rledit,malmen,mend     # Fig. 1b for the hypernetworks
+    python experiments/studies.py meta_curves [--quick]                       # hypernetworks' meta-training curves
     python experiments/studies.py theory     [--quick]                        # ‖ΔW_t‖ and cos(ΔW_t, ΔW_{t-1})
     python experiments/studies.py ablations  [--quick]                        # warm-up, whitening, α, lr, pooling
 
@@ -205,8 +206,46 @@ def study_ablations(out, quick):
                   results, "\n".join(lines))
 
 
+def study_meta_curves(out, quick, editors_=HYPERNET_PAIRS, cache="runs/hypernets"):
+    """The hypernetwork editors' meta-training curves (per-turn generalization and locality losses), read from
+    the training diagnostics of the nets ``lnjax run`` uses (meta-trained into ``cache`` first when absent).
+    ``--quick`` meta-trains MALMEN on 200 records into ``<out>/meta_curves/nets`` instead."""
+    from lnjax.checkpoint import DiagnosticsLog
+    from lnjax.meta import trained_editor
+
+    names, n_train = (("malmen",), 200) if quick else (tuple(editors_), None)
+    cache = os.path.join(out, "meta_curves", "nets") if quick else cache
+    model = world_model.default_model()
+    curves = {}
+    for name in names:
+        trained_editor(name, model, world_model.DEFAULT_TARGETS, cache_dir=cache, n_train=n_train,
+                       progress=not quick, log=lambda m: None)
+        runs = [d for d in (os.path.join(cache, x) for x in os.listdir(cache) if x.startswith(name + "-"))
+                if os.path.isdir(os.path.join(d, "train", "diagnostics"))]
+        newest = max(runs, key=os.path.getmtime)     # the net just trained or read (same settings, same dir)
+        log_ = DiagnosticsLog(os.path.join(newest, "train", "diagnostics"))
+        diag = log_.read(log_.spans()[-1][1])
+        curves[name] = {k: np.asarray(diag[k]).tolist() for k in ("gen_loss", "loc_loss")}
+    plt = pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
+    for name, c in curves.items():
+        for ax, key in zip(axes, ("gen_loss", "loc_loss")):
+            ax.plot(c[key], label=name, ls="--" if name.endswith("_no_normalization") else "-")
+    for ax, key in zip(axes, ("generalization loss", "locality loss")):
+        ax.set_xlabel("meta-training turn")
+        ax.set_title(key)
+    axes[0].legend(fontsize=7)
+    lines = ["# Meta-training curves of the hypernetwork editors", "",
+             "| editor | turns | gen loss first → last | loc loss first → last |", "|---|---|---|---|"]
+    for name, c in curves.items():
+        lines.append(f"| {name} | {len(c['gen_loss'])} | {c['gen_loss'][0]:.3g} → {c['gen_loss'][-1]:.3g} | "
+                     f"{c['loc_loss'][0]:.3g} → {c['loc_loss'][-1]:.3g} |")
+    return _write(out, "meta_curves", {"editors": list(names), "n_train": n_train}, curves,
+                  "\n".join(lines) + "\n", [("meta_curves.png", fig)])
+
+
 STUDIES = {"ln_onoff": study_ln_onoff, "cumulative": study_cumulative, "theory": study_theory,
-           "ablations": study_ablations}
+           "ablations": study_ablations, "meta_curves": study_meta_curves}
 
 
 def main(argv=None):
@@ -220,8 +259,8 @@ def main(argv=None):
     args = ap.parse_args(argv)
     t = time.time()
     if args.editors:
-        if args.study not in ("ln_onoff", "cumulative"):
-            ap.error("--editors applies to the ln_onoff and cumulative studies only")
+        if args.study not in ("ln_onoff", "cumulative", "meta_curves"):
+            ap.error("--editors applies to the ln_onoff, cumulative and meta_curves studies only")
         names = HYPERNET_PAIRS if args.editors == "hypernets" else tuple(args.editors.split(","))
         STUDIES[args.study](args.out, args.quick, names)
     else:

@@ -10,7 +10,7 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.mark.parametrize("study", ["ln_onoff", "cumulative", "theory", "ablations"])
+@pytest.mark.parametrize("study", ["ln_onoff", "cumulative", "theory", "ablations", "meta_curves"])
 def test_study_quick_mode(study, tmp_path):
     out = tmp_path / "studies"
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "experiments", "studies.py"), study, "--quick",
