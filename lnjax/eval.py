@@ -97,9 +97,8 @@ def agreement(preds: np.ndarray, reference: np.ndarray, labels: np.ndarray) -> n
 def exact_match(preds, labels) -> np.ndarray:
     """Per example, 1.0 where the argmax ``preds`` [n, L] equals ``labels`` [n, L] at every supervised position
     (0 for an example without any) [n]: the greedy exact match of a causal decoder (module docstring)."""
-    sup = np.asarray(labels) != IGNORE
-    hits = ((np.asarray(preds) == np.asarray(labels)) & sup).sum(-1)
-    return ((hits == sup.sum(-1)) & sup.any(-1)).astype(np.float64)
+    # token_accuracy is hits / supervised, exactly 1.0 iff every supervised position is a hit (0 without any)
+    return (token_accuracy(np.asarray(preds), np.asarray(labels)) == 1.0).astype(np.float64)
 
 
 def greedy_exact_match(apply: Callable, params, pairs: Sequence[tuple], chunk: int = 256) -> np.ndarray:
