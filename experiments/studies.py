@@ -211,7 +211,7 @@ def study_meta_curves(out, quick, editors_=HYPERNET_PAIRS, cache="runs/hypernets
     the training diagnostics of the nets ``lnjax run`` uses (meta-trained into ``cache`` first when absent).
     ``--quick`` meta-trains MALMEN on 200 records into ``<out>/meta_curves/nets`` instead."""
     from lnjax.checkpoint import DiagnosticsLog
-    from lnjax.meta import trained_editor
+    from lnjax.meta import trained_editor, training_plan
 
     names, n_train = (("malmen",), 200) if quick else (tuple(editors_), None)
     cache = os.path.join(out, "meta_curves", "nets") if quick else cache
@@ -220,10 +220,8 @@ def study_meta_curves(out, quick, editors_=HYPERNET_PAIRS, cache="runs/hypernets
     for name in names:
         trained_editor(name, model, world_model.DEFAULT_TARGETS, cache_dir=cache, n_train=n_train,
                        progress=not quick, log=lambda m: None)
-        runs = [d for d in (os.path.join(cache, x) for x in os.listdir(cache) if x.startswith(name + "-"))
-                if os.path.isdir(os.path.join(d, "train", "diagnostics"))]
-        newest = max(runs, key=os.path.getmtime)     # the net just trained or read (same settings, same dir)
-        log_ = DiagnosticsLog(os.path.join(newest, "train", "diagnostics"))
+        plan = training_plan(name, model, world_model.DEFAULT_TARGETS, cache_dir=cache, n_train=n_train)
+        log_ = DiagnosticsLog(os.path.join(plan.directory, "train", "diagnostics"))
         diag = log_.read(log_.spans()[-1][1])
         curves[name] = {k: np.asarray(diag[k]).tolist() for k in ("gen_loss", "loc_loss")}
     plt = pyplot()

@@ -35,7 +35,7 @@ import functools
 import hashlib
 import json
 import os
-from typing import Callable, Mapping, Optional, Sequence
+from typing import Callable, Mapping, NamedTuple, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -476,6 +476,37 @@ def trained_editor(name: str, model, targets: Sequence[str], *, cache_dir: str =
     ``edits_per_turn``) unless a net trained with the same model, data and configs is cached in ``cache_dir``
     (an interrupted training there resumes). ``options`` override ``default_configs`` fields by name (and may
     carry ``n_train``, as ``lnjax run``'s editor options do)."""
+    plan = training_plan(name, model, targets, cache_dir=cache_dir, n_train=n_train, edits_per_turn=edits_per_turn,
+                         seed=seed, minibatch_size=minibatch_size, options=options)
+    final = os.path.join(plan.directory, "trained")
+    if os.path.isdir(final):
+        log(f"{name}: using the meta-trained hypernetwork in {final}")
+        trained = load_trained(final, plan.net, plan.shapes)
+    else:
+        trained, report = train(model, targets, plan.turns, plan.net, plan.meta,
+                                checkpoint_dir=os.path.join(plan.directory, "train"), resume=True, progress=progress,
+                                log=log)
+        save_trained(final, trained, report)
+    return hn.REGISTRY[name](trained, reset_at_eval=reset_at_eval, apply=model.apply,
+                             minibatch_size=plan.meta.minibatch_size)
+
+
+class TrainingPlan(NamedTuple):
+    """What ``trained_editor`` trains and where: the configs, the training turns, the target shapes and the
+    cache ``directory`` (``<cache_dir>/<name>-<fingerprint>``; ``train/`` holds the checkpoints and per-turn
+    diagnostics, ``trained/`` the final net)."""
+
+    net: hn.NetConfig
+    meta: MetaConfig
+    turns: TrainTurns
+    shapes: dict
+    directory: str
+
+
+def training_plan(name: str, model, targets: Sequence[str], *, cache_dir: str = "runs/hypernets",
+                  n_train: Optional[int] = None, edits_per_turn: int = 100, seed: int = 0, minibatch_size: int = 10,
+                  options: Optional[dict] = None) -> TrainingPlan:
+    """The ``TrainingPlan`` of ``trained_editor`` with the same arguments (no training, no file access)."""
     options = dict(options or {})
     n_train = options.pop("n_train", n_train)
     net, meta = default_configs(name, **{"minibatch_size": minibatch_size, **options})
@@ -483,18 +514,8 @@ def trained_editor(name: str, model, targets: Sequence[str], *, cache_dir: str =
     turns = world_training_turns(n, edits_per_turn, seed)
     _, base = frozen_and_kernels(model.params, tuple(targets))
     key = hashlib.sha256(json.dumps(_fingerprint(base, turns, net, meta), sort_keys=True).encode()).hexdigest()
-    where = os.path.join(os.path.abspath(cache_dir), f"{name}-{key[:16]}")
-    final = os.path.join(where, "trained")
-    shapes = {t: tuple(k.shape) for t, k in base.items()}
-    if os.path.isdir(final):
-        log(f"{name}: using the meta-trained hypernetwork in {final}")
-        trained = load_trained(final, net, shapes)
-    else:
-        trained, report = train(model, targets, turns, net, meta, checkpoint_dir=os.path.join(where, "train"),
-                                resume=True, progress=progress, log=log)
-        save_trained(final, trained, report)
-    return hn.REGISTRY[name](trained, reset_at_eval=reset_at_eval, apply=model.apply,
-                             minibatch_size=meta.minibatch_size)
+    return TrainingPlan(net, meta, turns, {t: tuple(k.shape) for t, k in base.items()},
+                        os.path.join(os.path.abspath(cache_dir), f"{name}-{key[:16]}"))
 
 
 def add_cli(sub) -> None:
