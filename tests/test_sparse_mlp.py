@@ -50,3 +50,5 @@ def test_sparse_code_is_refused_by_hf_export_and_checked():
         config_to_hf(_cfg(4))
     with pytest.raises(ValueError, match="mlp_topk"):
         _cfg(65)
+    with pytest.raises(ValueError, match="Llama-family"):
+        ModelConfig(arch="gpt2", vocab_size=40, d_model=16, n_layers=1, n_heads=2, d_ff=64, mlp_topk=4)

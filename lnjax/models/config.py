@@ -54,6 +54,8 @@ class ModelConfig:
             raise ValueError(f"n_heads={self.n_heads} is not a multiple of n_kv_heads={self.kv_heads}")
         if not 0 <= self.mlp_topk <= self.d_ff:
             raise ValueError(f"mlp_topk={self.mlp_topk} must lie in [0, d_ff={self.d_ff}]")
+        if self.mlp_topk and self.arch not in ("llama", "mistral", "qwen2"):
+            raise ValueError(f"mlp_topk is implemented for the Llama-family forward only, not {self.arch!r}")
 
     @property
     def kv_heads(self) -> int:
