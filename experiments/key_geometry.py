@@ -13,7 +13,13 @@ records, as the tuning sweep uses) and their locality prompts, at the supervised
   ``h = k Kᵀ(KKᵀ + αI)⁻¹`` times the turn's pseudo-values, so ``‖h‖`` (mean over locality keys) is how strongly
   a turn's writes leak into facts it does not edit. An edit key's own row has ``‖h‖ ≈ 1``; well-separated keys
   give ``‖h‖ ≪ 1``. ``own leverage`` is the same for the turn's own edit keys (first answer position), for
-  comparison; ``--standardize`` measures all of it on keys standardized as the LN editors see them.
+  comparison; ``all-row leverage`` takes every locality answer row (not only the first) for the largest turn;
+  ``--standardize`` measures all of it on keys standardized as the LN editors see them;
+- the teacher-forced logit margins of the locality answers and of the edits' new targets: how far a leak may
+  move a kept fact before it flips, against how far a turn must move an edited one.
+
+``--module memory.value_proj`` measures a memory layer (``ModelConfig.memory_layers``, experiments/grow_memory.py)
+instead of ``mlp.down_proj``.
 
 Writes ``key_geometry.json`` and ``summary.md``.
 """
@@ -44,10 +50,35 @@ def supervised_keys(model, targets, pairs):
     return {t: np.asarray(feats[t].keys[:n], np.float64) for t in targets}, first[:n]
 
 
+def answer_margins(model, pairs, batch_size=256):
+    """Teacher-forced logit margin at every supervised position of ``pairs``: the answer token's logit minus the
+    largest other logit (float64 [rows]). Positive: the model predicts the answer there; for an edit's new target
+    a negative margin is how far a turn must raise it."""
+    out = []
+    for i in range(0, len(pairs), batch_size):
+        batch = pack(pairs[i:i + batch_size])
+        logits = np.asarray(model.apply(model.params, batch.input_ids, batch.attention_mask), np.float64)
+        labels = np.asarray(batch.labels)
+        rows, cols = np.nonzero(labels != IGNORE)
+        picked = logits[rows, cols]
+        gold = picked[np.arange(len(rows)), labels[rows, cols]]
+        picked[np.arange(len(rows)), labels[rows, cols]] = -np.inf
+        out.append(gold - picked.max(1))
+    return np.concatenate(out)
+
+
 def leverage(loc_keys, edit_keys, alpha):
     """Row norms of ``loc_keys Kᵀ(KKᵀ + αI)⁻¹`` (float64)."""
     gram = edit_keys @ edit_keys.T + alpha * np.eye(len(edit_keys))
     return np.linalg.norm(np.linalg.solve(gram, edit_keys @ loc_keys.T).T, axis=1)
+
+
+def covariance_spectrum(k):
+    """Eigenvalues (descending) of the sample covariance of rows k [n, d], from the smaller of the d × d
+    covariance and the n × n centred Gram (they share their nonzero eigenvalues), so wide keys fit in memory."""
+    c = k - k.mean(0)
+    small = c.T @ c if k.shape[1] <= k.shape[0] else c @ c.T
+    return np.clip(np.linalg.eigvalsh(small / (len(k) - 1))[::-1], 0, None)
 
 
 def _unit_rows(a):
@@ -63,6 +94,8 @@ def main(argv=None):
     ap.add_argument("--turn-sizes", default="10,20,50,100")
     ap.add_argument("--dataset", choices=("world", "facts"), default="world")
     ap.add_argument("--layers", default="", help="comma-separated layer indices (default: every layer)")
+    ap.add_argument("--module", default="mlp.down_proj",
+                    help="the module of each layer to measure, e.g. memory.value_proj for a memory layer")
     ap.add_argument("--standardize", action="store_true",
                     help="measure on keys standardized with the edit keys' mean and std, as LN editors solve over")
     args = ap.parse_args(argv)
@@ -77,13 +110,18 @@ def main(argv=None):
         records = facts.edit_records("edit", args.edits, seed=1)
     recs = data.tokenize(records, tok)
     layers = [int(x) for x in args.layers.split(",") if x] or range(model.config.n_layers)
-    targets = [f"model.layers.{i}.mlp.down_proj" for i in layers]
+    targets = [f"model.layers.{i}.{args.module}" for i in layers]
     edit_keys, edit_first = supervised_keys(model, targets, [r.edit for r in recs])
     loc_keys, loc_first = supervised_keys(model, targets, [r.locality for r in recs[:100]])
     edit_of_row = np.cumsum(edit_first) - 1
     sizes = [int(x) for x in args.turn_sizes.split(",")]
     out = {"model": args.model or "world", "dataset": args.dataset, "edits": args.edits, "alpha": args.alpha,
            "d_model": model.config.d_model, "targets": {}}
+    pct = (10, 25, 50, 75)
+    out["margin_percentiles"] = {"locality (gold vs best other)": dict(zip(map(str, pct), np.percentile(
+        answer_margins(model, [r.locality for r in recs[:100]]), pct).tolist())),
+        "edit new target (vs best other)": dict(zip(map(str, pct), np.percentile(
+            answer_margins(model, [r.edit for r in recs]), pct).tolist()))}
     if args.standardize:
         for t in targets:
             mu, sd = edit_keys[t].mean(0), edit_keys[t].std(0) + 1e-6
@@ -91,7 +129,7 @@ def main(argv=None):
         out["standardized"] = True
     for t in targets:
         k = edit_keys[t]
-        eig = np.linalg.eigvalsh(np.cov(k.T))[::-1]
+        eig = covariance_spectrum(k)
         cos = _unit_rows(loc_keys[t][loc_first]) @ _unit_rows(k[edit_first]).T
         out["targets"][t] = {
             "d_in": int(k.shape[1]), "mean_sq_norm": float((k ** 2).sum(1).mean()),
@@ -100,6 +138,7 @@ def main(argv=None):
             "nearest_edit_cosine": float(cos.max(1).mean()), "mean_cosine": float(cos.mean()),
             "leverage_by_turn_size": {str(n): float(leverage(loc_keys[t][loc_first], k[edit_of_row < n],
                                                              args.alpha).mean()) for n in sizes},
+            "all_row_leverage": float(leverage(loc_keys[t], k[edit_of_row < sizes[-1]], args.alpha).mean()),
             # the same for the turn's own first-answer keys: what a key that *is* edited receives
             "own_leverage_by_turn_size": {str(n): float(leverage(k[edit_first & (edit_of_row < n)],
                                                                  k[edit_of_row < n], args.alpha).mean())
@@ -109,16 +148,20 @@ def main(argv=None):
     with open(os.path.join(args.out, "key_geometry.json"), "w") as f:
         json.dump(out, f, indent=2)
     head = "| target | d_in | eff. dim (PR) | dims for 90% | nearest-edit cos | " + \
-        " | ".join(f"leverage n={n}" for n in sizes) + f" | own leverage n={sizes[-1]} |"
+        " | ".join(f"leverage n={n}" for n in sizes) + f" | all-row leverage n={sizes[-1]} | " + \
+        f"own leverage n={sizes[-1]} |"
     kind = "standardized keys" if args.standardize else "raw keys"
     lines = [f"# Key geometry of {out['model']} on {args.dataset} edits (d_model {out['d_model']}, α {args.alpha}, "
              f"{kind})", "", head,
-             "|" + "---|" * (6 + len(sizes))]
+             "|" + "---|" * (7 + len(sizes))]
     for t, r in out["targets"].items():
         lines.append(f"| {t} | {r['d_in']} | {r['participation_ratio']:.1f} | {r['dims_for_90pct_variance']} | "
                      f"{r['nearest_edit_cosine']:.2f} | " +
                      " | ".join(f"{r['leverage_by_turn_size'][str(n)]:.2f}" for n in sizes) +
-                     f" | {r['own_leverage_by_turn_size'][str(sizes[-1])]:.2f} |")
+                     f" | {r['all_row_leverage']:.2f} | {r['own_leverage_by_turn_size'][str(sizes[-1])]:.2f} |")
+    lines += ["", "Teacher-forced logit margins (answer token minus the best other token), percentiles " +
+              "/".join(map(str, pct)) + ":", ""]
+    lines += [f"- {k}: " + " / ".join(f"{v:.2f}" for v in m.values()) for k, m in out["margin_percentiles"].items()]
     summary = "\n".join(lines) + "\n"
     with open(os.path.join(args.out, "summary.md"), "w") as f:
         f.write(summary)

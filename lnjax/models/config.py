@@ -22,6 +22,9 @@ class ModelConfig:
     position table size; ``rope_scaling`` is a hashable tuple of (key, value) pairs. ``mlp_topk`` > 0 (an lnjax
     option with no HF counterpart) keeps only the ``mlp_topk`` largest-magnitude MLP activations per token: a
     sparse, wide key code at every ``down_proj`` (the sparse-memory testbed of experiments/REPORT.md §8).
+    ``memory_layers`` (also lnjax-only) gives those blocks a key-value memory of ``memory_slots`` slots read in
+    parallel to their MLP (``layers.memory_read``: a slot fires when its score exceeds the token's mean score by
+    ``memory_threshold`` standard deviations), so ``model.layers.{i}.memory.value_proj`` has a sparse key code.
     """
 
     arch: str
@@ -46,8 +49,12 @@ class ModelConfig:
     bos_token_id: Optional[int] = None
     eos_token_id: Optional[int] = None
     mlp_topk: int = 0
+    memory_layers: tuple = ()
+    memory_slots: int = 0
+    memory_threshold: float = 2.5
 
     def __post_init__(self):
+        object.__setattr__(self, "memory_layers", tuple(int(i) for i in self.memory_layers))
         if self.arch not in ARCHITECTURES:
             raise ValueError(f"unknown architecture {self.arch!r}; supported: {ARCHITECTURES}")
         if self.n_heads % self.kv_heads:
@@ -56,6 +63,18 @@ class ModelConfig:
             raise ValueError(f"mlp_topk={self.mlp_topk} must lie in [0, d_ff={self.d_ff}]")
         if self.mlp_topk and self.arch not in ("llama", "mistral", "qwen2"):
             raise ValueError(f"mlp_topk is implemented for the Llama-family forward only, not {self.arch!r}")
+        self._check_memory()
+
+    def _check_memory(self):
+        if not self.memory_layers:
+            return
+        if self.arch not in ("llama", "mistral", "qwen2"):
+            raise ValueError(f"memory_layers are implemented for the Llama-family forward only, not {self.arch!r}")
+        bad = [i for i in self.memory_layers if not 0 <= i < self.n_layers]
+        if bad or len(set(self.memory_layers)) != len(self.memory_layers):
+            raise ValueError(f"memory_layers={self.memory_layers} must be distinct blocks in [0, {self.n_layers})")
+        if self.memory_slots <= 0:
+            raise ValueError(f"memory_layers={self.memory_layers} need memory_slots > 0, got {self.memory_slots}")
 
     @property
     def kv_heads(self) -> int:
@@ -95,5 +114,7 @@ def hf_common_out(cfg: ModelConfig, dtype: str) -> dict:
     (``mlp_topk``)."""
     if cfg.mlp_topk:
         refuse("config_to_hf", "mlp_topk", cfg.mlp_topk, "a sparse MLP code has no transformers counterpart")
+    if cfg.memory_layers:
+        refuse("config_to_hf", "memory_layers", cfg.memory_layers, "a memory layer has no transformers counterpart")
     return {"vocab_size": cfg.vocab_size, "bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id,
             "torch_dtype": dtype, "tie_word_embeddings": cfg.tie_embeddings}

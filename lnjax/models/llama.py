@@ -12,8 +12,8 @@ import jax.numpy as jnp
 
 from ..checkpoint import CheckpointError
 from .config import ModelConfig, hf_activation, hf_common, hf_common_out, refuse
-from .layers import (ACTIVATIONS, attend, attention_bias, block_output, keep_topk, linear, rms_norm,
-                     rope_frequencies, rotate_half)
+from .layers import (ACTIVATIONS, attend, attention_bias, block_output, keep_topk, linear, memory_read,
+                     rms_norm, rope_frequencies, rotate_half)
 
 
 def _proj(d_in: int, d_out: int, bias: bool) -> dict:
@@ -38,8 +38,10 @@ def param_shapes(cfg: ModelConfig) -> dict:
             "down_proj": _proj(cfg.d_ff, d, cfg.mlp_bias),
         },
     }
+    memory = {"key_proj": _proj(d, cfg.memory_slots, True), "value_proj": _proj(cfg.memory_slots, d, False)}
     tree = {"model": {"embed_tokens": {"embedding": (cfg.vocab_size, d)},
-                      "layers": [layer for _ in range(cfg.n_layers)],
+                      "layers": [dict(layer, memory=memory) if i in cfg.memory_layers else layer
+                                 for i in range(cfg.n_layers)],
                       "norm": {"scale": (d,)}}}
     if not cfg.tie_embeddings:
         tree["lm_head"] = {"kernel": (d, cfg.vocab_size)}
@@ -69,6 +71,8 @@ def hidden_states(params: dict, input_ids: jax.Array, attention_mask: jax.Array,
         f = layer["mlp"]
         code = keep_topk(act(linear(x, f["gate_proj"])) * linear(x, f["up_proj"]), cfg.mlp_topk)
         mlp_out = linear(code, f["down_proj"])
+        if "memory" in layer:
+            mlp_out = mlp_out + memory_read(x, layer["memory"], cfg.memory_threshold)
         h = block_output(h + mlp_out, layer)
     return rms_norm(h, m["norm"], cfg.norm_eps)
 

@@ -1,0 +1,47 @@
+"""experiments/key_geometry.py: the spectrum from the small side, the logit margins, and one small run on the
+shipped world model (leverage, margins and the summary table)."""
+
+import json
+import os
+import sys
+
+import numpy as np
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "experiments"))
+
+import key_geometry  # noqa: E402
+from lnjax import world_model  # noqa: E402
+
+
+def test_covariance_spectrum_from_either_side_matches_numpy():
+    rng = np.random.default_rng(0)
+    tall = rng.normal(size=(60, 7)) @ rng.normal(size=(7, 7))
+    np.testing.assert_allclose(key_geometry.covariance_spectrum(tall), np.linalg.eigvalsh(np.cov(tall.T))[::-1],
+                               atol=1e-9)
+    wide = rng.normal(size=(12, 40))
+    np.testing.assert_allclose(key_geometry.covariance_spectrum(wide),
+                               np.linalg.eigvalsh(np.cov(wide.T))[::-1][:12], atol=1e-9)
+
+
+def test_answer_margins_are_gold_minus_best_other():
+    model = world_model.default_model()
+    pairs = [([1, 10, 11, 12], [13, 14]), ([1, 20, 21], [22])]
+    got = key_geometry.answer_margins(model, pairs)
+    assert got.shape == (3,)
+    for (prompt, answer), want_rows in zip(pairs, ([0, 1], [2])):
+        ids = np.asarray([prompt + answer[:-1]])
+        logits = np.asarray(model.apply(model.params, ids, np.ones_like(ids)), np.float64)[0, len(prompt) - 1:]
+        for j, row in enumerate(want_rows):
+            other = np.delete(logits[j], answer[j]).max()
+            np.testing.assert_allclose(got[row], logits[j, answer[j]] - other, rtol=1e-4, atol=1e-4)
+
+
+def test_small_run_writes_leverage_and_margins(tmp_path):
+    key_geometry.main(["--edits", "20", "--turn-sizes", "5,10", "--layers", "3", "--out", str(tmp_path)])
+    out = json.load(open(tmp_path / "key_geometry.json"))
+    row = out["targets"]["model.layers.3.mlp.down_proj"]
+    assert set(row["leverage_by_turn_size"]) == {"5", "10"} and row["all_row_leverage"] > 0
+    assert 0.5 < row["own_leverage_by_turn_size"]["10"] <= 1.0 + 1e-6
+    margins = out["margin_percentiles"]
+    assert margins["locality (gold vs best other)"]["50"] > 0 > margins["edit new target (vs best other)"]["50"]
+    assert "all-row leverage" in open(tmp_path / "summary.md").read()
