@@ -111,17 +111,18 @@ def main(argv=None):
     recs = data.tokenize(records, tok)
     layers = [int(x) for x in args.layers.split(",") if x] or range(model.config.n_layers)
     targets = [f"model.layers.{i}.{args.module}" for i in layers]
-    edit_keys, edit_first = supervised_keys(model, targets, [r.edit for r in recs])
-    loc_keys, loc_first = supervised_keys(model, targets, [r.locality for r in recs[:100]])
+    edit_pairs, loc_pairs = [r.edit for r in recs], [r.locality for r in recs[:100]]
+    edit_keys, edit_first = supervised_keys(model, targets, edit_pairs)
+    loc_keys, loc_first = supervised_keys(model, targets, loc_pairs)
     edit_of_row = np.cumsum(edit_first) - 1
     sizes = [int(x) for x in args.turn_sizes.split(",")]
     out = {"model": args.model or "world", "dataset": args.dataset, "edits": args.edits, "alpha": args.alpha,
            "d_model": model.config.d_model, "targets": {}}
     pct = (10, 25, 50, 75)
-    out["margin_percentiles"] = {"locality (gold vs best other)": dict(zip(map(str, pct), np.percentile(
-        answer_margins(model, [r.locality for r in recs[:100]]), pct).tolist())),
-        "edit new target (vs best other)": dict(zip(map(str, pct), np.percentile(
-            answer_margins(model, [r.edit for r in recs]), pct).tolist()))}
+    out["margin_percentiles"] = {
+        name: dict(zip(map(str, pct), np.percentile(answer_margins(model, pairs), pct).tolist()))
+        for name, pairs in (("locality (gold vs best other)", loc_pairs),
+                            ("edit new target (vs best other)", edit_pairs))}
     if args.standardize:
         for t in targets:
             mu, sd = edit_keys[t].mean(0), edit_keys[t].std(0) + 1e-6

@@ -11,6 +11,8 @@ from ..checkpoint import CheckpointError
 from .layers import ACTIVATIONS
 
 ARCHITECTURES = ("llama", "mistral", "qwen2", "gpt2", "gptj")
+# the architectures whose forward (models/llama.py) applies the lnjax-only options mlp_topk and memory_layers
+LLAMA_FAMILY = ("llama", "mistral", "qwen2")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,15 +63,14 @@ class ModelConfig:
             raise ValueError(f"n_heads={self.n_heads} is not a multiple of n_kv_heads={self.kv_heads}")
         if not 0 <= self.mlp_topk <= self.d_ff:
             raise ValueError(f"mlp_topk={self.mlp_topk} must lie in [0, d_ff={self.d_ff}]")
-        if self.mlp_topk and self.arch not in ("llama", "mistral", "qwen2"):
-            raise ValueError(f"mlp_topk is implemented for the Llama-family forward only, not {self.arch!r}")
+        for option in ("mlp_topk", "memory_layers"):
+            if getattr(self, option) and self.arch not in LLAMA_FAMILY:
+                raise ValueError(f"{option} is implemented for the Llama-family forward only, not {self.arch!r}")
         self._check_memory()
 
     def _check_memory(self):
         if not self.memory_layers:
             return
-        if self.arch not in ("llama", "mistral", "qwen2"):
-            raise ValueError(f"memory_layers are implemented for the Llama-family forward only, not {self.arch!r}")
         bad = [i for i in self.memory_layers if not 0 <= i < self.n_layers]
         if bad or len(set(self.memory_layers)) != len(self.memory_layers):
             raise ValueError(f"memory_layers={self.memory_layers} must be distinct blocks in [0, {self.n_layers})")
@@ -111,7 +112,7 @@ def hf_common(hf: dict) -> dict:
 
 def hf_common_out(cfg: ModelConfig, dtype: str) -> dict:
     """The HF config fields every architecture writes alike; CheckpointError for a config HF cannot express
-    (``mlp_topk``)."""
+    (``mlp_topk``, ``memory_layers``)."""
     if cfg.mlp_topk:
         refuse("config_to_hf", "mlp_topk", cfg.mlp_topk, "a sparse MLP code has no transformers counterpart")
     if cfg.memory_layers:
