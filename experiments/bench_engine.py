@@ -243,8 +243,12 @@ def main(argv=None):
     ap.add_argument("--dtypes", default="float32,bfloat16", help="model parameter dtypes to benchmark")
     ap.add_argument("--skip-solve", action="store_true")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--lapack-threads", type=int, default=1,
+                    help="threads of SciPy's OpenBLAS on the CPU, as lnjax.run sets them (0: leave as found)")
     args = ap.parse_args(argv)
-    results = {"device": str(jax.devices()[0]), "models": {}}
+    if args.lapack_threads and jax.default_backend() == "cpu":
+        lx.cpu_threads.limit_lapack_threads(args.lapack_threads)
+    results = {"device": str(jax.devices()[0]), "lapack_threads": args.lapack_threads, "models": {}}
 
     def save():
         if args.json:

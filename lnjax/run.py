@@ -23,6 +23,7 @@ from . import editors as editors_lib
 from . import eval as eval_lib
 from . import baselines, hf, hparams, report, world_model
 from .batching import EditTurn, pack_turns, probe_length
+from .cpu_threads import limit_lapack_threads
 from .hparams import WORLD_HPARAMS  # noqa: F401  (lnjax.run.WORLD_HPARAMS, as before)
 from .report import format_table  # noqa: F401  (lnjax.run.format_table, as before)
 from .sequence import Evaluation, edit_sequence
@@ -239,8 +240,12 @@ def run(cfg: RunConfig, out_dir: Optional[str] = None, log: Callable[[str], None
     and a finished editor leaves ``done.json`` there (``lnjax.checkpoint``); ``resume=True`` skips finished
     editors and continues the interrupted one, so the outputs equal an uninterrupted run's except under
     ``metadata``. ``mesh`` (e.g. ``"data=2,model=4"``) runs the edits sharded over devices (``lnjax.sharding``).
+    On the CPU it first limits SciPy's OpenBLAS, whose LAPACK the solves call, to one thread
+    (``lnjax.cpu_threads``: its spinning idle threads otherwise slow every turn's forward pass).
     """
     t_start = time.time()
+    if jax.default_backend() == "cpu":
+        limit_lapack_threads(1)
     model, tok, targets = _load_model(cfg)
     device_mesh = None
     if mesh:
