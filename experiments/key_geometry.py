@@ -50,21 +50,47 @@ def supervised_keys(model, targets, pairs):
     return {t: np.asarray(feats[t].keys[:n], np.float64) for t in targets}, first[:n]
 
 
-def answer_margins(model, pairs, batch_size=256):
-    """Teacher-forced logit margin at every supervised position of ``pairs``: the answer token's logit minus the
-    largest other logit (float64 [rows]). Positive: the model predicts the answer there; for an edit's new target
-    a negative margin is how far a turn must raise it."""
-    out = []
+def _supervised_logits(model, pairs, batch_size=256):
+    """(logits [rows, vocab] float64, answer tokens [rows]) at every supervised position of ``pairs``, in the row
+    order of ``supervised_keys``."""
+    logits_out, labels_out = [], []
     for i in range(0, len(pairs), batch_size):
         batch = pack(pairs[i:i + batch_size])
         logits = np.asarray(model.apply(model.params, batch.input_ids, batch.attention_mask), np.float64)
         labels = np.asarray(batch.labels)
         rows, cols = np.nonzero(labels != IGNORE)
-        picked = logits[rows, cols]
-        gold = picked[np.arange(len(rows)), labels[rows, cols]]
-        picked[np.arange(len(rows)), labels[rows, cols]] = -np.inf
-        out.append(gold - picked.max(1))
-    return np.concatenate(out)
+        logits_out.append(logits[rows, cols])
+        labels_out.append(labels[rows, cols])
+    return np.concatenate(logits_out), np.concatenate(labels_out)
+
+
+def answer_margins(model, pairs, batch_size=256):
+    """Teacher-forced logit margin at every supervised position of ``pairs``: the answer token's logit minus the
+    largest other logit (float64 [rows]). Positive: the model predicts the answer there; for an edit's new target
+    a negative margin is how far a turn must raise it."""
+    picked, labels = _supervised_logits(model, pairs, batch_size)
+    gold = picked[np.arange(len(labels)), labels]
+    picked[np.arange(len(labels)), labels] = -np.inf
+    return gold - picked.max(1)
+
+
+def cosine_by_prediction(loc_keys, loc_first, loc_pred, edit_keys, edit_pred, high=0.5):
+    """How a locality row's key resembles the keys of a turn, split by what the two rows predict.
+
+    For every (locality row, edit row) pair: the cosine of their keys, grouped by the locality row's kind (first
+    answer position or later) and by whether the unedited model predicts the same token at both rows (an edit's
+    rows are read before the edit, so they predict its *old* answer). Returns ``{"first|later, same|other
+    token": {"mean": mean cosine, "above": share of pairs above high, "pairs": count}}``."""
+    cos = _unit_rows(loc_keys) @ _unit_rows(edit_keys).T
+    same = loc_pred[:, None] == edit_pred[None, :]
+    out = {}
+    for kind, rows in (("first", loc_first), ("later", ~loc_first)):
+        for name, m in (("same token", same), ("other token", ~same)):
+            vals = cos[rows][m[rows]]
+            if vals.size:
+                out[f"{kind}, {name}"] = {"mean": float(vals.mean()), "above": float((vals > high).mean()),
+                                          "pairs": int(vals.size)}
+    return out
 
 
 def leverage(loc_keys, edit_keys, alpha):
@@ -116,6 +142,8 @@ def main(argv=None):
     loc_keys, loc_first = supervised_keys(model, targets, loc_pairs)
     edit_of_row = np.cumsum(edit_first) - 1
     sizes = [int(x) for x in args.turn_sizes.split(",")]
+    loc_pred = _supervised_logits(model, loc_pairs)[0].argmax(1)
+    edit_pred = _supervised_logits(model, edit_pairs)[0].argmax(1)
     out = {"model": args.model or "world", "dataset": args.dataset, "edits": args.edits, "alpha": args.alpha,
            "d_model": model.config.d_model, "targets": {}}
     pct = (10, 25, 50, 75)
@@ -131,6 +159,8 @@ def main(argv=None):
     for t in targets:
         k = edit_keys[t]
         eig = covariance_spectrum(k)
+        turn = edit_of_row < sizes[-1]
+        lev = leverage(loc_keys[t][loc_first], k[turn], args.alpha)
         cos = _unit_rows(loc_keys[t][loc_first]) @ _unit_rows(k[edit_first]).T
         out["targets"][t] = {
             "d_in": int(k.shape[1]), "mean_sq_norm": float((k ** 2).sum(1).mean()),
@@ -144,6 +174,10 @@ def main(argv=None):
             "own_leverage_by_turn_size": {str(n): float(leverage(k[edit_first & (edit_of_row < n)],
                                                                  k[edit_of_row < n], args.alpha).mean())
                                           for n in sizes},
+            "leverage_percentiles": dict(zip(("10", "50", "90", "max"),
+                                             np.percentile(lev, (10, 50, 90, 100)).tolist())),
+            "cosine_by_prediction": cosine_by_prediction(loc_keys[t], loc_first, loc_pred, k[turn],
+                                                         edit_pred[turn]),
         }
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "key_geometry.json"), "w") as f:
@@ -160,6 +194,13 @@ def main(argv=None):
                      f"{r['nearest_edit_cosine']:.2f} | " +
                      " | ".join(f"{r['leverage_by_turn_size'][str(n)]:.2f}" for n in sizes) +
                      f" | {r['all_row_leverage']:.2f} | {r['own_leverage_by_turn_size'][str(sizes[-1])]:.2f} |")
+    lines += ["", f"Leverage of the first locality rows on a turn of {sizes[-1]}, percentiles 10/50/90/max, and the "
+              "cosine of locality keys to the turn's keys by what both rows predict (mean; share of pairs above "
+              "0.5):", ""]
+    for t, r in out["targets"].items():
+        lines.append(f"- {t}: leverage " + " / ".join(f"{v:.3f}" for v in r["leverage_percentiles"].values()) +
+                     "; " + "; ".join(f"{k} {v['mean']:.3f} ({v['above']:.1%})"
+                                      for k, v in r["cosine_by_prediction"].items()))
     lines += ["", "Teacher-forced logit margins (answer token minus the best other token), percentiles " +
               "/".join(map(str, pct)) + ":", ""]
     lines += [f"- {k}: " + " / ".join(f"{v:.2f}" for v in m.values()) for k, m in out["margin_percentiles"].items()]

@@ -175,7 +175,18 @@ def export_latest(world: World, cfg: ModelConfig, args) -> None:
     print(json.dumps(report, indent=2))
 
 
-def main(argv=None):
+def architecture(args, world: World) -> ModelConfig:
+    """The model to train: the shipped model's architecture for ``world`` with the command line's changes
+    (``--d-model/--layers/--d-ff/--activation`` and a key-value memory from ``--memory-*``)."""
+    changes = {k: v for k, v in (("d_model", args.d_model), ("n_layers", args.layers), ("d_ff", args.d_ff),
+                                 ("activation", args.activation), ("memory_slots", args.memory_slots),
+                                 ("memory_threshold", args.memory_threshold)) if v is not None}
+    if args.memory_layers:
+        changes["memory_layers"] = tuple(int(i) for i in args.memory_layers.split(","))
+    return dataclasses.replace(wm.default_config(world), **changes)
+
+
+def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--epochs", type=int, default=45)
     ap.add_argument("--batch-size", type=int, default=128)
@@ -190,16 +201,21 @@ def main(argv=None):
     ap.add_argument("--layers", type=int, default=None)
     ap.add_argument("--d-ff", type=int, default=None)
     ap.add_argument("--activation", default=None, help="MLP gate activation, e.g. silu or relu")
+    ap.add_argument("--memory-layers", default=None,
+                    help="comma-separated blocks that get a key-value memory, trained with the model (e.g. 2)")
+    ap.add_argument("--memory-slots", type=int, default=None)
+    ap.add_argument("--memory-threshold", type=float, default=None)
     ap.add_argument("--checkpoint-dir", default=None, help="save the training state after every epoch here")
     ap.add_argument("--resume", action="store_true", help="continue from the newest epoch in --checkpoint-dir")
     ap.add_argument("--export-latest", action="store_true",
                     help="write the newest epoch of --checkpoint-dir to --out as a world model, without training")
-    args = ap.parse_args(argv)
+    return ap
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
     world = World(WorldSpec(seed=args.world_seed))
-    cfg = wm.default_config(world)
-    changes = {k: v for k, v in (("d_model", args.d_model), ("n_layers", args.layers), ("d_ff", args.d_ff),
-                                 ("activation", args.activation)) if v is not None}
-    cfg = dataclasses.replace(cfg, **changes)
+    cfg = architecture(args, world)
     if args.export_latest:
         return export_latest(world, cfg, args)
     init = wm.load(args.init_from).params if args.init_from else None

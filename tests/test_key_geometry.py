@@ -45,3 +45,25 @@ def test_small_run_writes_leverage_and_margins(tmp_path):
     margins = out["margin_percentiles"]
     assert margins["locality (gold vs best other)"]["50"] > 0 > margins["edit new target (vs best other)"]["50"]
     assert "all-row leverage" in open(tmp_path / "summary.md").read()
+    assert set(row["leverage_percentiles"]) == {"10", "50", "90", "max"}
+    assert {k.split(",")[0] for k in row["cosine_by_prediction"]} == {"first", "later"}
+
+
+def test_cosine_by_prediction_groups_pairs_by_row_kind_and_predicted_token():
+    rng = np.random.default_rng(1)
+    loc, edit = rng.normal(size=(5, 4)), rng.normal(size=(3, 4))
+    loc_first = np.array([True, False, True, False, False])
+    loc_pred, edit_pred = np.array([7, 7, 8, 9, 8]), np.array([7, 8, 8])
+    got = key_geometry.cosine_by_prediction(loc, loc_first, loc_pred, edit, edit_pred, high=0.2)
+    cos = [[float(a @ b / np.linalg.norm(a) / np.linalg.norm(b)) for b in edit] for a in loc]
+    for kind, first in (("first", True), ("later", False)):
+        for name, same in (("same token", True), ("other token", False)):
+            vals = [cos[i][j] for i in range(5) for j in range(3)
+                    if loc_first[i] == first and (loc_pred[i] == edit_pred[j]) == same]
+            if vals:
+                r = got[f"{kind}, {name}"]
+                assert r["pairs"] == len(vals)
+                np.testing.assert_allclose(r["mean"], np.mean(vals), rtol=1e-12)
+                np.testing.assert_allclose(r["above"], np.mean(np.array(vals) > 0.2), rtol=1e-12)
+            else:
+                assert f"{kind}, {name}" not in got

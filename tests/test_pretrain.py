@@ -43,3 +43,21 @@ def test_resumed_pretraining_equals_one_run_and_refuses_other_settings(tmp_path)
     assert rep2["loss_by_epoch"] == rep["loss_by_epoch"]
     with pytest.raises(checkpoint.ConfigMismatch, match="lr"):
         pw.train(world, cfg, **{**kw, "lr": 2e-2}, checkpoint_dir=ck, resume=True)
+
+
+def test_memory_flags_build_a_memory_model_that_trains():
+    pw = _pretrain()
+    world = World(WorldSpec(seed=3, n_subjects=24, n_answers=4))
+    args = pw.build_parser().parse_args(["--memory-layers", "0", "--memory-slots", "64", "--memory-threshold", "2",
+                                         "--d-model", "16", "--layers", "1", "--d-ff", "32"])
+    cfg = pw.architecture(args, world)
+    assert (cfg.memory_layers, cfg.memory_slots, cfg.memory_threshold) == ((0,), 64, 2.0)
+    assert (cfg.d_model, cfg.n_layers, cfg.d_ff, cfg.vocab_size) == (16, 1, 32, len(world.vocab))
+    cfg = ModelConfig(**{**cfg.__dict__, "n_heads": 2, "n_kv_heads": 1})
+    params, rep = pw.train(world, cfg, epochs=2, batch_size=16, lr=1e-2, warmup_steps=2, log=None)
+    value = np.asarray(params["model"]["layers"][0]["memory"]["value_proj"]["kernel"])
+    assert value.shape == (64, 16) and np.all(np.isfinite(rep["loss_by_epoch"]))
+    # trained with the model: the memory's values moved from their initialisation
+    init = np.asarray(pw.init_params(cfg, jax.random.PRNGKey(0), std=0.02)["model"]["layers"][0]["memory"]
+                      ["value_proj"]["kernel"])
+    assert not np.allclose(value, init)
