@@ -67,3 +67,24 @@ def test_cosine_by_prediction_groups_pairs_by_row_kind_and_predicted_token():
                 np.testing.assert_allclose(r["above"], np.mean(np.array(vals) > 0.2), rtol=1e-12)
             else:
                 assert f"{kind}, {name}" not in got
+
+
+def test_flips_by_exposure_counts_changed_predictions_per_bucket():
+    import leak_by_answer
+
+    before = np.array([1, 2, 3, 4, 5, 6])
+    after = np.array([1, 9, 3, 9, 9, 6])
+    exposure = np.array([0, 0, 1, 3, 20, 20])
+    got = leak_by_answer.flips_by_exposure(before, after, exposure, buckets=((0, 0), (1, 4), (5, 14), (15, 10 ** 9)))
+    assert got == [{"exposure": "0-0", "facts": 2, "flipped": 0.5}, {"exposure": "1-4", "facts": 2, "flipped": 0.5},
+                   {"exposure": "15+", "facts": 2, "flipped": 0.5}]
+
+
+def test_leak_by_answer_small_run(tmp_path):
+    import leak_by_answer
+
+    leak_by_answer.main(["--turns", "1", "--edits-per-turn", "10", "--n-loc", "50", "--out", str(tmp_path)])
+    out = json.load(open(tmp_path / "leak_by_answer.json"))
+    assert out["edits"] == 10 and out["kept_facts"] == 50 and 0.0 <= out["flipped_overall"] <= 1.0
+    assert sum(b["facts"] for b in out["by_same_old_answer"]) == 50
+    assert "whole old answer" in open(tmp_path / "summary.md").read()
