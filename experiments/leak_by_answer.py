@@ -25,13 +25,14 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import lnjax as lx  # noqa: E402
-from key_geometry import _supervised_logits  # noqa: E402
+from key_geometry import _supervised_logits, supervised_keys  # noqa: E402
 from lnjax import data, world_model  # noqa: E402
 from lnjax.batching import pack_turns  # noqa: E402
 from lnjax.models import Model  # noqa: E402
 from lnjax.world import default_world  # noqa: E402
 
 BUCKETS = ((0, 0), (1, 1), (2, 4), (5, 14), (15, 10 ** 9))
+SHARING_BUCKETS = ((0, 0), (1, 4), (5, 19), (20, 79), (80, 10 ** 9))
 
 
 def first_predictions(model, pairs):
@@ -52,6 +53,21 @@ def flips_by_exposure(before, after, exposure, buckets=BUCKETS):
             out.append({"exposure": f"{lo}-{hi}" if hi < 10 ** 9 else f"{lo}+", "facts": int(sel.sum()),
                         "flipped": float(changed[sel].mean())})
     return out
+
+
+def slot_sharing(model, target, kept_pairs, edit_pairs, chunk=200):
+    """For a memory target (sparse code): per kept fact, the number of the run's edit rows that fire at least one
+    of the slots its first answer row fires [n_kept], counted through per-slot touch counts so that the edit keys
+    are never all in memory at once."""
+    floor = lambda k: k.min(axis=1, keepdims=True) + 1e-6  # a silent slot holds the code's constant offset
+    touched = None
+    for i in range(0, len(edit_pairs), chunk):
+        k, _ = supervised_keys(model, [target], edit_pairs[i:i + chunk])
+        fired = (k[target] > floor(k[target])).astype(np.int64)
+        touched = fired.sum(0) if touched is None else touched + fired.sum(0)
+    k, first = supervised_keys(model, [target], kept_pairs)
+    kept = k[target][first]
+    return ((kept > floor(kept)) * touched[None, :]).sum(1)
 
 
 def main(argv=None):
@@ -95,6 +111,11 @@ def main(argv=None):
            "by_exposure": flips_by_exposure(before, after, exposure),
            "by_same_old_answer": flips_by_exposure(before, after, same_answer),
            "by_exposure_as_new_target": flips_by_exposure(before, after, as_target)}
+    memories = [t for t in targets if ".memory." in t]
+    if memories:  # a sparse code: how many edit rows wrote into the slots a kept fact reads
+        shared = slot_sharing(model, memories[0], pairs, [r.edit for r in recs])
+        out["by_slot_sharing"] = flips_by_exposure(before, after, shared, SHARING_BUCKETS)
+        out["slot_sharing_percentiles"] = dict(zip(("10", "50", "90"), np.percentile(shared, (10, 50, 90)).tolist()))
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "leak_by_answer.json"), "w") as f:
         json.dump(out, f, indent=2)
@@ -109,6 +130,10 @@ def main(argv=None):
     lines += ["", "| edits whose new target starts with the kept fact's first answer token | kept facts | flipped |",
               "|---|---|---|"]
     lines += [f"| {b['exposure']} | {b['facts']} | {b['flipped']:.3f} |" for b in out["by_exposure_as_new_target"]]
+    if "by_slot_sharing" in out:
+        lines += ["", f"| edit rows firing a slot the kept fact's first row fires ({memories[0]}) | kept facts | flipped |",
+                  "|---|---|---|"]
+        lines += [f"| {b['exposure']} | {b['facts']} | {b['flipped']:.3f} |" for b in out["by_slot_sharing"]]
     with open(os.path.join(args.out, "summary.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     print("\n".join(lines))

@@ -32,7 +32,7 @@ __all__ = ["NEEDS", "REGISTRY", "Editor", "EditorState", "LNConfig", "alphaedit"
            "ultraedit"]
 
 NORMALIZATIONS = ("lifelong", "per_turn", "none")
-KEY_METRICS = ("identity", "second_moment")
+KEY_METRICS = ("identity", "second_moment", "diagonal")
 POOLINGS = ("shape", "target")
 
 
@@ -138,9 +138,19 @@ def _whitening(cfg: LNConfig, new_stats: dict, warmup: jax.Array) -> dict:
     return white
 
 
-def key_metric(stats: ln.LNStats, prior: float) -> jax.Array:
-    """The ridge metric ``A = E[k kᵀ] + prior · mean(diag E[k kᵀ]) · I`` (d_in, d_in) from the keys' lifelong
-    second moment; the prior keeps ``A`` invertible before the keys span ``d_in`` (scale-free)."""
+def key_metric(stats: ln.LNStats, prior: float, kind: str = "second_moment") -> jax.Array:
+    """The ridge metric from the keys' lifelong statistics; the prior keeps it invertible (scale-free).
+
+    ``"second_moment"``: ``A = E[k kᵀ] + prior · mean(diag E[k kᵀ]) · I`` (d_in, d_in). ``"diagonal"``: its
+    diagonal only, ``a = E[k²] + prior · mean(E[k²])`` (d_in,), from the per-dimension mean and variance that
+    lifelong normalization keeps anyway (``E[k²] = var + mean²``, variance with ``n`` in the denominator).
+    """
+    if kind == "diagonal":
+        n = jnp.maximum(stats.count.astype(jnp.float32), 1.0)
+        mu = ln.mean(stats)[:stats.d_in]
+        moment = jnp.maximum(stats.m2 - stats.m2_c, 0.0)[:stats.d_in] / n + mu * mu
+        moment = jnp.where(stats.count > 0, moment, 0.0)
+        return moment + prior * jnp.maximum(jnp.mean(moment), 1e-12)
     moment = ln.key_second_moment(stats)
     scale = jnp.maximum(jnp.mean(jnp.diag(moment)), 1e-12)
     return moment + prior * scale * jnp.eye(stats.d_in, dtype=jnp.float32)
@@ -151,8 +161,8 @@ def _shifts(cfg: LNConfig, state: EditorState, features: Mapping[str, Features],
     """Pseudo-values and ridge shifts per target (docs/method.md §4-5; the key metric, once per turn per group,
     is the lnjax extension of §13)."""
     with jax.named_scope("solve"):
-        metrics = {group: key_metric(stats, cfg.key_prior) for group, stats in new_stats.items()} \
-            if cfg.tracks_keys else {}
+        metrics = {group: key_metric(stats, cfg.key_prior, cfg.key_metric) for group, stats in new_stats.items()} \
+            if cfg.key_metric != "identity" else {}
     deltas = {}
     for name, d_in, d_out, group in state.targets:
         f = features[name]
@@ -219,7 +229,8 @@ def ultraedit(lr: float = _D["ultraedit"]["lr"], alpha: float = _D["ultraedit"][
     ``key_metric="second_moment"`` (an lnjax extension, not in the papers; docs/method.md §13) penalises the
     shift in the metric of the keys' lifelong second moment, ``ΔW = (KᵀK + αA)⁻¹KᵀV`` with
     ``A = E[kkᵀ] + key_prior·mean(diag)·I`` over every key seen so far, so a turn changes the outputs of earlier
-    keys as little as the edits allow.
+    keys as little as the edits allow; ``key_metric="diagonal"`` uses only the diagonal of ``A`` (no extra state,
+    affordable for very wide keys such as a memory layer's).
     """
     return ln_editor(LNConfig(lr=lr, alpha=alpha, normalization="lifelong", variance=variance, pooling=pooling,
                               solve_method=solve_method, key_metric=key_metric, key_prior=key_prior))

@@ -1,6 +1,7 @@
 """Closed-form ridge shifts ``ΔW = argmin ||K ΔW - V||² + α tr(ΔWᵀ A ΔW)`` with masked rows.
 
-``A`` is the identity (the published ridge) unless a ``metric`` is given: an SPD ``(d_in, d_in)`` matrix, e.g.
+``A`` is the identity (the published ridge) unless a ``metric`` is given: an SPD ``(d_in, d_in)`` matrix (or a
+positive ``(d_in,)`` vector, a diagonal one), e.g.
 the keys' lifelong second moment, which makes the penalty the mean squared output change over the keys seen so far
 (an lnjax extension, docs/method.md §13). Two algebraically equal forms (docs/method.md §4):
 - primal ``(KᵀK + αA)⁻¹ KᵀV``: a ``d_in × d_in`` system;
@@ -33,10 +34,12 @@ def _masked(K: jax.Array, V: jax.Array, mask: Optional[jax.Array]):
 
 def ridge_primal(K: jax.Array, V: jax.Array, alpha: float, mask: Optional[jax.Array] = None,
                  metric: Optional[jax.Array] = None) -> jax.Array:
-    """``(KᵀK + αA)⁻¹ KᵀV`` for K [N, d_in], V [N, d_out], A = ``metric`` (d_in, d_in) or I → (d_in, d_out)
-    float32. Needs ``α > 0``."""
+    """``(KᵀK + αA)⁻¹ KᵀV`` for K [N, d_in], V [N, d_out], A = ``metric`` (d_in, d_in), diag(``metric``) for a
+    (d_in,) vector, or I → (d_in, d_out) float32. Needs ``α > 0``."""
     K, V, _ = _masked(K, V, mask)
     penalty = jnp.eye(K.shape[1], dtype=jnp.float32) if metric is None else metric.astype(jnp.float32)
+    if penalty.ndim == 1:
+        penalty = jnp.diag(penalty)
     gram = jnp.matmul(K.T, K, precision=_HP) + alpha * penalty
     rhs = jnp.matmul(K.T, V, precision=_HP)
     return cho_solve(cho_factor(gram, lower=True), rhs)
@@ -44,12 +47,17 @@ def ridge_primal(K: jax.Array, V: jax.Array, alpha: float, mask: Optional[jax.Ar
 
 def ridge_dual(K: jax.Array, V: jax.Array, alpha: float, mask: Optional[jax.Array] = None,
                metric: Optional[jax.Array] = None) -> jax.Array:
-    """``A⁻¹Kᵀ (K A⁻¹ Kᵀ + αI)⁻¹ V`` for K [N, d_in], V [N, d_out], A = ``metric`` (d_in, d_in) or I →
-    (d_in, d_out) float32."""
+    """``A⁻¹Kᵀ (K A⁻¹ Kᵀ + αI)⁻¹ V`` for K [N, d_in], V [N, d_out], A = ``metric`` (d_in, d_in), diag(``metric``)
+    for a (d_in,) vector, or I → (d_in, d_out) float32."""
     K, V, w = _masked(K, V, mask)
     diag = alpha * w + (1.0 - w)
     # Kᵀ for the plain ridge; A⁻¹Kᵀ with a metric (the dual of the ridge in A's inner product).
-    kt = K.T if metric is None else cho_solve(cho_factor(metric.astype(jnp.float32), lower=True), K.T)
+    if metric is None:
+        kt = K.T
+    elif metric.ndim == 1:  # a diagonal metric: A⁻¹Kᵀ is a row scaling
+        kt = K.T / metric.astype(jnp.float32)[:, None]
+    else:
+        kt = cho_solve(cho_factor(metric.astype(jnp.float32), lower=True), K.T)
     gram = jnp.matmul(K, kt, precision=_HP) + jnp.diag(diag)
     coef = cho_solve(cho_factor(gram, lower=True), V)
     return jnp.matmul(kt, coef, precision=_HP)
@@ -73,6 +81,7 @@ def ridge_shift(K: jax.Array, V: jax.Array, alpha: float, mask: Optional[jax.Arr
         raise ValueError(f"keys {tuple(K.shape)} and values {tuple(V.shape)} must be [N, d_in] and [N, d_out]")
     if method == "auto":
         method = choose_method(K.shape[0], K.shape[1])
-    if metric is not None and metric.shape != (K.shape[1], K.shape[1]):
-        raise ValueError(f"metric has shape {tuple(metric.shape)}, expected ({K.shape[1]}, {K.shape[1]})")
+    if metric is not None and metric.shape not in ((K.shape[1], K.shape[1]), (K.shape[1],)):
+        raise ValueError(f"metric has shape {tuple(metric.shape)}, expected ({K.shape[1]}, {K.shape[1]}) or "
+                         f"({K.shape[1]},) (diagonal)")
     return (ridge_dual if method == "dual" else ridge_primal)(K, V, alpha, mask, metric)

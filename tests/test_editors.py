@@ -177,3 +177,19 @@ def test_editor_registry_and_config_validation():
         lx.editors.get("rome")
     with pytest.raises(ValueError, match="variance"):
         lx.editors.ultraedit(variance="ddof2")
+
+
+def test_diagonal_key_metric_matches_float64_reference():
+    rng = np.random.default_rng(8)
+    feats, rf = _turn(rng, names=("a",), num_seg=1)
+    K, G, mask, _, _ = rf["a"]
+    ed = lx.editors.no_normalization(lr=1e-3, alpha=2.0, key_metric="diagonal", key_prior=0.05)
+    state = ed.init({"a": (D_IN, D_OUT)})
+    assert state.stats[f"{D_IN}x{D_OUT}"].scatter_k is None  # the diagonal needs no key scatter
+    d, _ = ed.update({"a": feats["a"]}, state)
+    Km, Gm = K[mask].astype(np.float64), G[mask].astype(np.float64)
+    a = np.mean(Km ** 2, 0)  # E[k²] over the rows seen so far (this turn's)
+    a = a + 0.05 * a.mean()
+    V = -1e-3 * np.sum(Km ** 2, 1, keepdims=True) * Gm
+    expected = np.linalg.solve(Km.T @ Km + 2.0 * np.diag(a), Km.T @ V)
+    np.testing.assert_allclose(np.asarray(d["a"]), expected, rtol=1e-3, atol=1e-4 * np.abs(expected).max())

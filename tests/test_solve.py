@@ -59,3 +59,19 @@ def test_metric_ridge_equals_float64_in_both_forms(n, d_in):
                                   np.asarray(ridge_primal(K, V, 2.0, mask)))
     with pytest.raises(ValueError, match="metric"):
         ridge_shift(K, V, 2.0, mask, metric=np.eye(d_in + 1, dtype=np.float32))
+
+
+@pytest.mark.parametrize("n,d_in", [(12, 40), (60, 20)])
+def test_diagonal_metric_ridge_equals_float64_in_both_forms(n, d_in):
+    rng = np.random.default_rng(4)
+    K = (rng.normal(size=(n, d_in)) + 1.0).astype(np.float32)
+    V = rng.normal(size=(n, 5)).astype(np.float32)
+    a = rng.uniform(0.05, 3.0, size=d_in).astype(np.float32)
+    mask = rng.random(n) > 0.2
+    Km, Vm = K[mask].astype(np.float64), V[mask].astype(np.float64)
+    ref = np.linalg.solve(Km.T @ Km + 2.0 * np.diag(a.astype(np.float64)), Km.T @ Vm)
+    for method in ("primal", "dual"):
+        got = np.asarray(ridge_shift(K, V, 2.0, mask, method, metric=a))
+        assert np.abs(got - ref).max() / np.abs(ref).max() < 1e-4, method
+    with pytest.raises(ValueError, match="diagonal"):
+        ridge_shift(K, V, 2.0, mask, "dual", metric=a[:-1])
