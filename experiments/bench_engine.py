@@ -246,8 +246,8 @@ def main(argv=None):
     ap.add_argument("--lapack-threads", type=int, default=1,
                     help="threads of SciPy's OpenBLAS on the CPU, as lnjax.run sets them (0: leave as found)")
     args = ap.parse_args(argv)
-    if args.lapack_threads and jax.default_backend() == "cpu":
-        lx.cpu_threads.limit_lapack_threads(args.lapack_threads)
+    if args.lapack_threads:
+        lx.cpu_threads.limit_lapack_threads_on_cpu(args.lapack_threads)
     results = {"device": str(jax.devices()[0]), "lapack_threads": args.lapack_threads, "models": {}}
 
     def save():

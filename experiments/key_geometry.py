@@ -50,7 +50,7 @@ def supervised_keys(model, targets, pairs):
     return {t: np.asarray(feats[t].keys[:n], np.float64) for t in targets}, first[:n]
 
 
-def _supervised_logits(model, pairs, batch_size=256):
+def supervised_logits(model, pairs, batch_size=256):
     """(logits [rows, vocab] float64, answer tokens [rows]) at every supervised position of ``pairs``, in the row
     order of ``supervised_keys``."""
     logits_out, labels_out = [], []
@@ -68,10 +68,16 @@ def answer_margins(model, pairs, batch_size=256):
     """Teacher-forced logit margin at every supervised position of ``pairs``: the answer token's logit minus the
     largest other logit (float64 [rows]). Positive: the model predicts the answer there; for an edit's new target
     a negative margin is how far a turn must raise it."""
-    picked, labels = _supervised_logits(model, pairs, batch_size)
-    gold = picked[np.arange(len(labels)), labels]
-    picked[np.arange(len(labels)), labels] = -np.inf
-    return gold - picked.max(1)
+    return margins(*supervised_logits(model, pairs, batch_size))
+
+
+def margins(logits, labels):
+    """Answer logit minus the largest other logit per row, from ``supervised_logits``'s (logits, labels)."""
+    rows = np.arange(len(labels))
+    gold = logits[rows, labels]
+    others = logits.copy()
+    others[rows, labels] = -np.inf
+    return gold - others.max(1)
 
 
 def cosine_by_prediction(loc_keys, loc_first, loc_pred, edit_keys, edit_pred, high=0.5):
@@ -142,15 +148,16 @@ def main(argv=None):
     loc_keys, loc_first = supervised_keys(model, targets, loc_pairs)
     edit_of_row = np.cumsum(edit_first) - 1
     sizes = [int(x) for x in args.turn_sizes.split(",")]
-    loc_pred = _supervised_logits(model, loc_pairs)[0].argmax(1)
-    edit_pred = _supervised_logits(model, edit_pairs)[0].argmax(1)
+    # one forward pass per prompt set serves both the margins and what the unedited model predicts at each row
+    loc_logits, edit_logits = supervised_logits(model, loc_pairs), supervised_logits(model, edit_pairs)
+    loc_pred, edit_pred = loc_logits[0].argmax(1), edit_logits[0].argmax(1)
     out = {"model": args.model or "world", "dataset": args.dataset, "edits": args.edits, "alpha": args.alpha,
            "d_model": model.config.d_model, "targets": {}}
     pct = (10, 25, 50, 75)
     out["margin_percentiles"] = {
-        name: dict(zip(map(str, pct), np.percentile(answer_margins(model, pairs), pct).tolist()))
-        for name, pairs in (("locality (gold vs best other)", loc_pairs),
-                            ("edit new target (vs best other)", edit_pairs))}
+        name: dict(zip(map(str, pct), np.percentile(margins(*logits), pct).tolist()))
+        for name, logits in (("locality (gold vs best other)", loc_logits),
+                             ("edit new target (vs best other)", edit_logits))}
     if args.standardize:
         for t in targets:
             mu, sd = edit_keys[t].mean(0), edit_keys[t].std(0) + 1e-6

@@ -25,7 +25,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import lnjax as lx  # noqa: E402
-from key_geometry import _supervised_logits, supervised_keys  # noqa: E402
+from key_geometry import supervised_keys, supervised_logits  # noqa: E402
 from lnjax import data, world_model  # noqa: E402
 from lnjax.batching import pack_turns  # noqa: E402
 from lnjax.models import Model  # noqa: E402
@@ -37,7 +37,7 @@ SHARING_BUCKETS = ((0, 0), (1, 4), (5, 19), (20, 79), (80, 10 ** 9))
 
 def first_predictions(model, pairs):
     """The model's argmax token at the first answer row of each (prompt, answer) pair [n]."""
-    logits, _ = _supervised_logits(model, pairs)
+    logits, _ = supervised_logits(model, pairs)
     firsts = np.cumsum([0] + [len(a) for _, a in pairs[:-1]])
     return logits[firsts].argmax(1)
 
@@ -82,7 +82,7 @@ def main(argv=None):
     ap.add_argument("--n-loc", type=int, default=1200)
     ap.add_argument("--out", default="runs/leak_by_answer")
     args = ap.parse_args(argv)
-    lx.cpu_threads.limit_lapack_threads(1)
+    lx.cpu_threads.limit_lapack_threads_on_cpu(1)
     world = default_world()
     tok = world.tokenizer()
     model = world_model.load(args.model) if args.model else world_model.default_model()
@@ -121,19 +121,15 @@ def main(argv=None):
         json.dump(out, f, indent=2)
     lines = [f"# Kept facts flipped after {n} edits ({args.editor}, lr {args.lr}, {args.model or 'shipped model'}, "
              f"targets {', '.join(targets)})", "", f"Overall: {out['flipped_overall']:.3f} of {len(pairs)} kept facts "
-             "changed their first-token prediction.", "",
-             "| edits sharing the kept fact's first answer token as their old answer | kept facts | flipped |",
-             "|---|---|---|"]
-    lines += [f"| {b['exposure']} | {b['facts']} | {b['flipped']:.3f} |" for b in out["by_exposure"]]
-    lines += ["", "| edits whose whole old answer is the kept fact's answer | kept facts | flipped |", "|---|---|---|"]
-    lines += [f"| {b['exposure']} | {b['facts']} | {b['flipped']:.3f} |" for b in out["by_same_old_answer"]]
-    lines += ["", "| edits whose new target starts with the kept fact's first answer token | kept facts | flipped |",
-              "|---|---|---|"]
-    lines += [f"| {b['exposure']} | {b['facts']} | {b['flipped']:.3f} |" for b in out["by_exposure_as_new_target"]]
-    if "by_slot_sharing" in out:
-        lines += ["", f"| edit rows firing a slot the kept fact's first row fires ({memories[0]}) | kept facts | flipped |",
-                  "|---|---|---|"]
-        lines += [f"| {b['exposure']} | {b['facts']} | {b['flipped']:.3f} |" for b in out["by_slot_sharing"]]
+             "changed their first-token prediction."]
+    tables = [("edits sharing the kept fact's first answer token as their old answer", "by_exposure"),
+              ("edits whose whole old answer is the kept fact's answer", "by_same_old_answer"),
+              ("edits whose new target starts with the kept fact's first answer token", "by_exposure_as_new_target")]
+    if memories:
+        tables.append((f"edit rows firing a slot the kept fact's first row fires ({memories[0]})", "by_slot_sharing"))
+    for title, key in tables:
+        lines += ["", f"| {title} | kept facts | flipped |", "|---|---|---|"]
+        lines += [f"| {b['exposure']} | {b['facts']} | {b['flipped']:.3f} |" for b in out[key]]
     with open(os.path.join(args.out, "summary.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     print("\n".join(lines))

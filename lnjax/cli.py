@@ -70,12 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "train-editor":
-        import jax
-
-        from .cpu_threads import limit_lapack_threads
+        from .cpu_threads import limit_lapack_threads_on_cpu
         from .meta import cli_main
-        if jax.default_backend() == "cpu":  # as lnjax.run does: SciPy's spinning LAPACK threads slow every step
-            limit_lapack_threads(1)
+        limit_lapack_threads_on_cpu(1)  # as lnjax.run does: SciPy's spinning LAPACK threads slow every step
         return cli_main(args)
     if args.distributed:
         import jax

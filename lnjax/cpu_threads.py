@@ -41,4 +41,13 @@ def limit_lapack_threads(n: int = 1) -> list[str]:
     return changed
 
 
-__all__ = ["limit_lapack_threads"]
+def limit_lapack_threads_on_cpu(n: int = 1) -> list[str]:
+    """``limit_lapack_threads(n)`` when JAX's default backend is the CPU (the only one that calls this LAPACK),
+    else nothing; returns the library files changed. Initializes JAX's backends: call it after
+    ``jax.distributed.initialize``."""
+    import jax
+
+    return limit_lapack_threads(n) if jax.default_backend() == "cpu" else []
+
+
+__all__ = ["limit_lapack_threads", "limit_lapack_threads_on_cpu"]

@@ -23,7 +23,7 @@ from . import editors as editors_lib
 from . import eval as eval_lib
 from . import baselines, hf, hparams, report, world_model
 from .batching import EditTurn, pack_turns, probe_length
-from .cpu_threads import limit_lapack_threads
+from .cpu_threads import limit_lapack_threads_on_cpu
 from .hparams import WORLD_HPARAMS  # noqa: F401  (lnjax.run.WORLD_HPARAMS, as before)
 from .report import format_table  # noqa: F401  (lnjax.run.format_table, as before)
 from .sequence import Evaluation, edit_sequence
@@ -244,8 +244,7 @@ def run(cfg: RunConfig, out_dir: Optional[str] = None, log: Callable[[str], None
     (``lnjax.cpu_threads``: its spinning idle threads otherwise slow every turn's forward pass).
     """
     t_start = time.time()
-    if jax.default_backend() == "cpu":
-        limit_lapack_threads(1)
+    limit_lapack_threads_on_cpu(1)
     model, tok, targets = _load_model(cfg)
     device_mesh = None
     if mesh:

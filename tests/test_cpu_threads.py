@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lnjax.cpu_threads import limit_lapack_threads
+from lnjax.cpu_threads import limit_lapack_threads, limit_lapack_threads_on_cpu
 from lnjax.solve import ridge_dual
 
 
@@ -44,3 +44,8 @@ def test_solve_is_unchanged_by_the_thread_count():
     limit_lapack_threads(1)
     b = np.asarray(solve(K, V))
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_on_cpu_variant_acts_on_the_cpu_backend_only():
+    want = limit_lapack_threads(1) if jax.default_backend() == "cpu" else []
+    assert limit_lapack_threads_on_cpu(1) == want
