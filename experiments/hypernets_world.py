@@ -18,6 +18,7 @@ import sys
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from lnjax.run import RunConfig, format_table, run  # noqa: E402
+from lnjax.world_model import ASSET_DIR  # noqa: E402
 
 
 def main(argv=None):
@@ -27,10 +28,12 @@ def main(argv=None):
     ap.add_argument("--n-train", type=int, default=600)
     ap.add_argument("--lr", type=float, default=1e-2)
     ap.add_argument("--meta-lr", type=float, default=1e-5)
+    ap.add_argument("--model", default=ASSET_DIR,
+                    help="world-model directory (default: the shipped model's dense down_proj, as in REPORT.md §10)")
     ap.add_argument("--out", default="runs/hypernets_world")
     a = ap.parse_args(argv)
     cfg = RunConfig(editors=tuple(a.editors.split(",")), turns=a.turns, edits_per_turn=100, generation=False,
-                    eval_every=0, editor_options={"lr": a.lr, "meta_lr": a.meta_lr, "n_train": a.n_train})
+                    eval_every=0, model=a.model, editor_options={"lr": a.lr, "meta_lr": a.meta_lr, "n_train": a.n_train})
     results = run(cfg, out_dir=a.out)
     print(format_table(results))
     with open(os.path.join(a.out, "command.json"), "w") as f:

@@ -35,19 +35,8 @@ import numpy as np  # noqa: E402
 
 from lnjax import data, facts, hf, world_model  # noqa: E402
 from lnjax.batching import IGNORE, pack  # noqa: E402
-from lnjax.probe import turn_features  # noqa: E402
+from lnjax.memory_testbed import supervised_keys  # noqa: E402
 from lnjax.world import default_world  # noqa: E402
-
-
-def supervised_keys(model, targets, pairs):
-    """Keys [rows, d_in] per target at the supervised positions of ``pairs``, and which rows are the first
-    answer position of their example."""
-    batch = pack(pairs)
-    feats, _, n = turn_features(model.apply, model.params, targets, batch)
-    n = int(n)
-    labels = np.asarray(batch.labels)
-    first = np.concatenate([[True] + [False] * (int((row != IGNORE).sum()) - 1) for row in labels])
-    return {t: np.asarray(feats[t].keys[:n], np.float64) for t in targets}, first[:n]
 
 
 def supervised_logits(model, pairs, batch_size=256):

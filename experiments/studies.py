@@ -33,6 +33,10 @@ from lnjax.run import RunConfig, editor_settings, run  # noqa: E402
 from lnjax.sequence import edit_sequence  # noqa: E402
 from lnjax.world import default_world  # noqa: E402
 
+# The studies of REPORT.md §1-5 edit the shipped world model's dense down_proj 1-3 (lnjax run's default before
+# the fact-memory testbed), with the hyperparameters tuned there (WORLD_HPARAMS).
+DENSE = world_model.ASSET_DIR
+
 
 def _write(out, name, config, results, summary, figures=()):
     d = os.path.join(out, name)
@@ -61,7 +65,7 @@ def study_ln_onoff(out, quick, editors=None):
     turns, per = _sizes(quick)
     names = tuple(editors or LN_ONOFF_EDITORS)
     cfg = RunConfig(editors=names, turns=turns, edits_per_turn=per, eval_every=0 if quick else 5,
-                    generation=not quick)
+                    generation=not quick, model=DENSE)
     res = run(cfg, os.path.join(out, "ln_onoff", "run"), progress=not quick)
     table = format_table(res)
     paper = ("Paper (Llama-3-8B, ZsRE 20K, teacher-forced ES/GS/LS): UltraEdit with LN 90.1/87.4/49.5, without LN "
@@ -142,7 +146,7 @@ def study_theory(out, quick):
     results, curves = {}, {}
     for label, (name, alpha) in variants.items():
         cfg = RunConfig(editors=(name,), turns=turns, edits_per_turn=per, alpha=alpha, eval_every=0,
-                        generation=False, warmup_turns=0)
+                        generation=False, warmup_turns=0, model=DENSE)
         res, lines = _run_variant(out, "theory", label, cfg)
         norms, cos = curves[label] = update_curves(lines)
         half = len(cos) // 2
@@ -186,7 +190,7 @@ def study_ablations(out, quick):
             name = opts.pop("editor", "stableedit")
             warmup_at = label if axis == "warmup_at" else "start"
             cfg = RunConfig(editors=(name,), turns=turns, edits_per_turn=per, warmup_at=warmup_at, eval_every=0,
-                            generation=False, **opts)
+                            generation=False, model=DENSE, **opts)
             # Several axes include the default setting: that configuration runs once.
             key = json.dumps({**cfg.to_json(), **editor_settings(name, cfg)}, sort_keys=True)
             if key not in done:

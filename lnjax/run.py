@@ -45,7 +45,7 @@ class RunConfig:
     alpha: Optional[float] = None
     targets: Optional[tuple] = None
     model: Optional[str] = None          # HF checkpoint dir, world-model dir, built-in name (smollm2) or .gguf;
-                                         # None = the embedded world model
+                                         # None = the default testbed (lnjax.memory_testbed)
     dtype: str = "float32"
     dataset: str = "world"
     data: Optional[str] = None
@@ -69,9 +69,12 @@ class RunConfig:
         return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in saved.items() if k in fields})
 
 
-def _load_model(cfg: RunConfig):
-    if cfg.model is None or world_model.is_model_dir(cfg.model):
-        model = world_model.load(cfg.model or world_model.ASSET_DIR)
+def _load_model(cfg: RunConfig, log: Callable[[str], None] = print):
+    if cfg.model is None:  # the default testbed: the shipped world model with a fact memory (built once)
+        from .memory_testbed import DEFAULT_TARGETS, default_testbed
+        return default_testbed(log), default_world().tokenizer(), tuple(cfg.targets or DEFAULT_TARGETS)
+    if world_model.is_model_dir(cfg.model):
+        model = world_model.load(cfg.model)
         return model, default_world().tokenizer(), tuple(cfg.targets or world_model.DEFAULT_TARGETS)
     from . import builtin_models
     if builtin_models.is_builtin(cfg.model) and not cfg.targets:
@@ -245,7 +248,7 @@ def run(cfg: RunConfig, out_dir: Optional[str] = None, log: Callable[[str], None
     """
     t_start = time.time()
     limit_lapack_threads_on_cpu(1)
-    model, tok, targets = _load_model(cfg)
+    model, tok, targets = _load_model(cfg, log)
     device_mesh = None
     if mesh:
         from .sharding import make_mesh

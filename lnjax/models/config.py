@@ -13,6 +13,8 @@ from .layers import ACTIVATIONS
 ARCHITECTURES = ("llama", "mistral", "qwen2", "gpt2", "gptj")
 # the architectures whose forward (models/llama.py) applies the lnjax-only options mlp_topk and memory_layers
 LLAMA_FAMILY = ("llama", "mistral", "qwen2")
+# how a memory layer turns slot scores into its sparse code (layers.memory_read)
+MEMORY_CODES = ("zscore", "cosine")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -27,6 +29,12 @@ class ModelConfig:
     ``memory_layers`` (also lnjax-only) gives those blocks a key-value memory of ``memory_slots`` slots read in
     parallel to their MLP (``layers.memory_read``: a slot fires when its score exceeds the token's mean score by
     ``memory_threshold`` standard deviations), so ``model.layers.{i}.memory.value_proj`` has a sparse key code.
+    ``memory_code="cosine"`` reads the memory by cosine instead: the input is whitened by the memory's ``in_proj``,
+    a slot fires when the cosine with its key exceeds ``memory_threshold`` (in (-1, 1)). ``memory_anchor`` (a
+    token id, cosine code only) reads the memory at every position with the input at the latest anchor token at
+    or before it (e.g. a question's ``?``), and gives each of the ``memory_offsets`` positions from the anchor on
+    its own copy of the slots (``memory_slots`` = keys × offsets): an answer's every token has a slot of its own.
+    ``memory_winner`` (cosine code only) keeps only the best-matching key per token (a hard nearest-key read).
     """
 
     arch: str
@@ -54,6 +62,10 @@ class ModelConfig:
     memory_layers: tuple = ()
     memory_slots: int = 0
     memory_threshold: float = 2.5
+    memory_code: str = "zscore"
+    memory_anchor: int = -1
+    memory_offsets: int = 1
+    memory_winner: bool = False
 
     def __post_init__(self):
         object.__setattr__(self, "memory_layers", tuple(int(i) for i in self.memory_layers))
@@ -76,6 +88,19 @@ class ModelConfig:
             raise ValueError(f"memory_layers={self.memory_layers} must be distinct blocks in [0, {self.n_layers})")
         if self.memory_slots <= 0:
             raise ValueError(f"memory_layers={self.memory_layers} need memory_slots > 0, got {self.memory_slots}")
+        if self.memory_code not in MEMORY_CODES:
+            raise ValueError(f"memory_code={self.memory_code!r} is not one of {MEMORY_CODES}")
+        if self.memory_code == "cosine" and not -1.0 < self.memory_threshold < 1.0:
+            raise ValueError(f"memory_code='cosine' needs memory_threshold in (-1, 1), got {self.memory_threshold}")
+        if self.memory_offsets < 1 or self.memory_slots % self.memory_offsets:
+            raise ValueError(f"memory_offsets={self.memory_offsets} must be >= 1 and divide "
+                             f"memory_slots={self.memory_slots}")
+        if self.memory_winner and self.memory_code != "cosine":
+            raise ValueError("memory_winner=True needs memory_code='cosine'")
+        if (self.memory_anchor >= 0 or self.memory_offsets > 1) and not (
+                self.memory_code == "cosine" and 0 <= self.memory_anchor < self.vocab_size):
+            raise ValueError(f"memory_anchor={self.memory_anchor} / memory_offsets={self.memory_offsets} need "
+                             f"memory_code='cosine' and an anchor token id in [0, {self.vocab_size})")
 
     @property
     def kv_heads(self) -> int:

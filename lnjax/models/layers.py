@@ -39,8 +39,30 @@ def keep_topk(x: jax.Array, k: int) -> jax.Array:
     return jnp.where(jnp.abs(x) >= kth, x, jnp.zeros_like(x))
 
 
-def memory_read(x: jax.Array, memory: dict, threshold: float) -> jax.Array:
-    """A sparse key-value memory read; x [..., d] → [..., d].
+def anchored(input_ids: jax.Array, anchor: int, offsets: int) -> Optional[tuple]:
+    """Where an anchored memory reads (``ModelConfig.memory_anchor``), for ids [B, L]: ``(source [B, L] int32,
+    offset one-hot [B, L, offsets] bool)`` — the latest position at or before each one holding ``anchor`` (0
+    where there is none) and the distance to it, all-false where there is no anchor or it lies ``offsets`` or
+    more positions back. None when ``anchor`` < 0 (the memory reads at each position itself)."""
+    if anchor < 0:
+        return None
+    pos = jnp.arange(input_ids.shape[-1], dtype=jnp.int32)
+    last = jax.lax.cummax(jnp.where(input_ids == anchor, pos, -1), axis=input_ids.ndim - 1)
+    hot = ((pos - last)[..., None] == jnp.arange(offsets)) & (last >= 0)[..., None]
+    return jnp.maximum(last, 0), hot
+
+
+def memory_read(x: jax.Array, memory: dict, threshold: float, code: str = "zscore",
+                anchor: Optional[tuple] = None, winner: bool = False) -> jax.Array:
+    """A sparse key-value memory read; x [..., d] → [..., d] (x [B, L, d] when ``anchor`` is given).
+
+    ``code="cosine"``: the input is whitened, ``u = in_proj(x)``, and a slot fires when the cosine of ``u`` with
+    its key column (``key_proj`` holds unit columns) exceeds ``threshold``; the code ``relu(cos - t) / (1 - t)``
+    lies in [0, 1], 1 for an input pointing exactly at the slot. Slots keyed by the facts a model knows give
+    every fact its own slot (experiments/grow_memory.py ``--slot-keys facts``). With ``anchor`` (from ``anchored``)
+    the cosine code is computed from the input at each position's anchor and spread over one copy of the slots
+    per offset from it (slot ``j * keys + i`` = key i at offset j); ``winner`` keeps only each token's
+    best-matching key (a hard nearest-key read: a fact close to another reads its own slot alone). Otherwise (``"zscore"``):
 
     Slot scores ``s = x @ key_proj (+ bias)`` [..., slots] are z-scored over the token's own slots, so about the
     same small fraction fires for every token (for Gaussian scores, 0.6% at ``threshold`` 2.5) at the cost of two
@@ -49,6 +71,17 @@ def memory_read(x: jax.Array, memory: dict, threshold: float) -> jax.Array:
     tokens: the code's raw values are already what lifelong normalization would make of them. Returns
     ``code @ value_proj``.
     """
+    if code == "cosine":
+        if anchor is not None:
+            x = jnp.take_along_axis(x, anchor[0][..., None], axis=1)
+        u = linear(x, memory["in_proj"]).astype(jnp.float32)
+        cos = linear(u * jax.lax.rsqrt(jnp.sum(u * u, axis=-1, keepdims=True) + 1e-12), memory["key_proj"])
+        c = jax.nn.relu(cos - threshold) / (1.0 - threshold)
+        if winner:
+            c = jnp.where(cos >= jnp.max(cos, axis=-1, keepdims=True), c, 0.0)
+        if anchor is not None:
+            c = (anchor[1][..., :, None] * c[..., None, :]).reshape(*c.shape[:-1], -1)
+        return linear(c.astype(x.dtype), memory["value_proj"])
     s = linear(x, memory["key_proj"])
     z = (s - jnp.mean(s, axis=-1, keepdims=True)) * jax.lax.rsqrt(jnp.var(s, axis=-1, keepdims=True) + 1e-6)
     mean, std = _relu_moments(threshold)

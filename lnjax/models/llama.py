@@ -12,7 +12,7 @@ import jax.numpy as jnp
 
 from ..checkpoint import CheckpointError
 from .config import ModelConfig, hf_activation, hf_common, hf_common_out, refuse
-from .layers import (ACTIVATIONS, attend, attention_bias, block_output, keep_topk, linear, memory_read,
+from .layers import (ACTIVATIONS, attend, attention_bias, anchored, block_output, keep_topk, linear, memory_read,
                      rms_norm, rope_frequencies, rotate_half)
 
 
@@ -38,7 +38,10 @@ def param_shapes(cfg: ModelConfig) -> dict:
             "down_proj": _proj(cfg.d_ff, d, cfg.mlp_bias),
         },
     }
-    memory = {"key_proj": _proj(d, cfg.memory_slots, True), "value_proj": _proj(cfg.memory_slots, d, False)}
+    keys = cfg.memory_slots // cfg.memory_offsets
+    memory = {"key_proj": _proj(d, keys, True), "value_proj": _proj(cfg.memory_slots, d, False)}
+    if cfg.memory_code == "cosine":
+        memory["in_proj"] = _proj(d, d, True)
     tree = {"model": {"embed_tokens": {"embedding": (cfg.vocab_size, d)},
                       "layers": [dict(layer, memory=memory) if i in cfg.memory_layers else layer
                                  for i in range(cfg.n_layers)],
@@ -72,7 +75,9 @@ def hidden_states(params: dict, input_ids: jax.Array, attention_mask: jax.Array,
         code = keep_topk(act(linear(x, f["gate_proj"])) * linear(x, f["up_proj"]), cfg.mlp_topk)
         mlp_out = linear(code, f["down_proj"])
         if "memory" in layer:
-            mlp_out = mlp_out + memory_read(x, layer["memory"], cfg.memory_threshold)
+            mlp_out = mlp_out + memory_read(x, layer["memory"], cfg.memory_threshold, cfg.memory_code,
+                                            anchored(input_ids, cfg.memory_anchor, cfg.memory_offsets),
+                                            cfg.memory_winner)
         h = block_output(h + mlp_out, layer)
     return rms_norm(h, m["norm"], cfg.norm_eps)
 
