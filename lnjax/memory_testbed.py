@@ -27,6 +27,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import shutil
 from typing import Callable
 
 import jax
@@ -177,7 +178,12 @@ def default_testbed(log: Callable[[str], None] = print) -> Model:
                  s["anchor"], s["offsets"], s["winner"])
     tmp = directory + f".tmp{os.getpid()}"
     world_model.save(tmp, model.config, model.params, {"grown_from": "lnjax/assets/world_model_unsmoothed", **s})
-    os.replace(tmp, directory)
+    try:
+        os.replace(tmp, directory)
+    except OSError:  # another process built it meanwhile: keep theirs
+        if not world_model.is_model_dir(directory):
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)
     return world_model.load(directory)
 
 

@@ -63,3 +63,18 @@ def test_two_runs_of_one_config_differ_only_in_metadata(tmp_path):
 def test_cli_refuses_unknown_editor(capsys):
     assert main(["run", "--editor", "rome", "--quiet"]) == 2
     assert "unknown editor" in capsys.readouterr().err
+
+
+def test_default_testbed_writes_the_edits_and_keeps_locality(tmp_path):
+    """The main job's claim on a shorter run: on the default testbed UltraEdit writes 500 sequential edits and keeps
+    the locality facts; the same solve without normalization, at the same lr, writes nothing."""
+    out = tmp_path / "run"
+    assert main(["run", "--turns", "5", "--edits-per-turn", "100", "--editor", "ultraedit,no_normalization",
+                 "--no-generation", "--eval-every", "0", "--out", str(out), "--quiet"]) == 0
+    r = json.loads((out / "results.json").read_text())
+    base = r["unedited"]["teacher_forced"]["efficacy"]
+    ue, nn = r["editors"]["ultraedit"], r["editors"]["no_normalization"]
+    assert base < 0.2
+    assert ue["teacher_forced"]["efficacy"] > 0.8 and ue["teacher_forced"]["generalization"] > 0.75
+    assert ue["locality_vs_unedited"] > 0.98
+    assert nn["teacher_forced"]["efficacy"] < base + 0.05

@@ -15,5 +15,7 @@ def test_readme_example_runs(capsys):
     metrics = namespace["metrics"]
     assert set(metrics["teacher_forced"]) >= {"efficacy", "generalization", "specificity"}
     assert 0.0 <= metrics["locality_vs_unedited"] <= 1.0
-    assert namespace["result"].diagnostics["delta_norm"].shape == (2, 3)
+    assert namespace["result"].diagnostics["delta_norm"].shape == (2, 1)
+    # on the default testbed most of the 200 edits are written (unedited: ~0.1) and the locality facts kept
+    assert metrics["teacher_forced"]["efficacy"] > 0.6 and metrics["locality_vs_unedited"] > 0.95
     assert "efficacy" in capsys.readouterr().out
