@@ -183,6 +183,7 @@ def default_testbed(log: Callable[[str], None] = print) -> Model:
     except OSError:  # another process built it meanwhile: keep theirs
         if not world_model.is_model_dir(directory):
             raise
+    finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return world_model.load(directory)
 
