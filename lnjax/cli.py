@@ -23,7 +23,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = ap.add_subparsers(dest="command", required=True)
     r = sub.add_parser("run", help="sequential editing runs of several editors, evaluated and written to --out",
                        description="With no arguments: StableEdit, UltraEdit and the no-normalization ablation over "
-                                   "2,000 sequential edits (20 turns of 100) on the embedded world and model.")
+                                   "2,000 sequential edits (20 turns of 100) on the embedded world, edited in the "
+                                   "fact memory of the default testbed (lnjax.memory_testbed).")
     r.add_argument("--editor", type=_csv, default=None,
                    help=f"comma-separated editors (default stableedit,ultraedit,no_normalization); "
                         f"known: {','.join(sorted(REGISTRY))}")
@@ -35,8 +36,11 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--lr", type=float, default=None, help=help_text("lr"))
     r.add_argument("--alpha", type=float, default=None, help=help_text("alpha"))
     r.add_argument("--targets", type=_csv, default=None, help="comma-separated HF module paths to edit")
-    r.add_argument("--model", default=None, help="HF checkpoint directory, .gguf file or built-in name (smollm2: "
-                                                 "SmolLM2-135M-Instruct, fetched once); default: the embedded world model")
+    r.add_argument("--model", default=None, help="HF checkpoint directory, world-model directory (e.g. "
+                                                 "lnjax/assets/world_model, edited at its dense down_proj 1-3), .gguf "
+                                                 "file or built-in name (smollm2: SmolLM2-135M-Instruct, fetched once); "
+                                                 "default: the world model with a fact memory (lnjax.memory_testbed, "
+                                                 "built once)")
     r.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     r.add_argument("--dataset", choices=("world", "facts") + DATASETS, default="world",
                    help="world: the embedded world; facts: real geography facts (lnjax.facts); others read --data")

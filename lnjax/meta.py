@@ -523,7 +523,8 @@ def add_cli(sub) -> None:
     p = sub.add_parser("train-editor", help="meta-train hypernetwork editors on the embedded world (cached)",
                        description="Meta-train rledit/malmen/mend (or their *_no_normalization ablations) for the "
                                    "embedded world model on the world's training split, resumably, into the "
-                                   "cache that `lnjax run --editor ...` reads.")
+                                   "cache that `lnjax run --model lnjax/assets/world_model --editor ...` reads "
+                                   "(the dense testbed of experiments/REPORT.md §10).")
     p.add_argument("editors", help=f"comma-separated, from {','.join(sorted(hn.REGISTRY))}")
     p.add_argument("--n-train", type=int, default=None, help="training records (default: the whole split)")
     p.add_argument("--edits-per-turn", type=int, default=100)
