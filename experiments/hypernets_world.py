@@ -29,11 +29,13 @@ def main(argv=None):
     ap.add_argument("--lr", type=float, default=1e-2)
     ap.add_argument("--meta-lr", type=float, default=1e-5)
     ap.add_argument("--model", default=ASSET_DIR,
-                    help="world-model directory (default: the shipped model's dense down_proj, as in REPORT.md §10)")
+                    help="world-model directory (default: the shipped model's dense down_proj, as in REPORT.md §10), "
+                         "or 'testbed' for lnjax run's default testbed (its fact memory)")
     ap.add_argument("--out", default="runs/hypernets_world")
     a = ap.parse_args(argv)
     cfg = RunConfig(editors=tuple(a.editors.split(",")), turns=a.turns, edits_per_turn=100, generation=False,
-                    eval_every=0, model=a.model, editor_options={"lr": a.lr, "meta_lr": a.meta_lr, "n_train": a.n_train})
+                    eval_every=0, model=None if a.model == "testbed" else a.model,
+                    editor_options={"lr": a.lr, "meta_lr": a.meta_lr, "n_train": a.n_train})
     results = run(cfg, out_dir=a.out)
     print(format_table(results))
     with open(os.path.join(a.out, "command.json"), "w") as f:
