@@ -16,9 +16,10 @@ from typing import Any
 
 __version__ = "0.1.0"
 
-_SUBMODULES = ("baselines", "batching", "checkpoint", "cli", "cpu_threads", "data", "editors", "engine", "eval", "features", "ft",
-               "hf", "hf_layout", "hparams", "hypernet", "key_stats", "ln", "locate", "meta", "models", "plots", "presets", "probe",
-               "protocol", "report", "run", "sequence", "sharding", "solve", "world", "world_model")
+_SUBMODULES = ("baselines", "batching", "checkpoint", "cli", "cpu_threads", "data", "editors", "engine", "eval",
+               "features", "ft", "hf", "hf_layout", "hparams", "hypernet", "key_stats", "ln", "locate",
+               "memory_testbed", "meta", "models", "plots", "presets", "probe", "protocol", "report", "run",
+               "sequence", "sharding", "solve", "world", "world_model")
 _NAMES = {"Editor": "editors", "EditorState": "editors", "Features": "features", "TurnBatch": "batching",
           "EditTurn": "batching", "SequenceResult": "sequence", "edit_sequence": "sequence"}
 
