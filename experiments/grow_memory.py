@@ -59,7 +59,8 @@ def main(argv=None):
               "winner": args.winner, "threshold": args.threshold, "whitening_ridge": args.ridge, "seed": args.seed,
               "fitted_on": "train-pool prompts (src and rephrase), supervised positions"}
     world_model.save(args.out, grown.config, grown.params, report)
-    print(f"wrote {args.out}: memory at blocks {list(layers)}, {grown.config.memory_slots} slots, threshold {args.threshold}")
+    print(f"wrote {args.out}: memory at blocks {list(layers)}, {grown.config.memory_slots} slots, "
+          f"threshold {args.threshold}")
 
 
 if __name__ == "__main__":

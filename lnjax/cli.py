@@ -38,7 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--targets", type=_csv, default=None, help="comma-separated HF module paths to edit")
     r.add_argument("--model", default=None, help="HF checkpoint directory, world-model directory (e.g. "
                                                  "lnjax/assets/world_model, edited at its dense down_proj 1-3), .gguf "
-                                                 "file or built-in name (smollm2: SmolLM2-135M-Instruct, fetched once); "
+                                                 "file or built-in name (smollm2: SmolLM2-135M-Instruct, fetched "
+                                                 "once); "
                                                  "default: the world model with a fact memory (lnjax.memory_testbed, "
                                                  "built once)")
     r.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")

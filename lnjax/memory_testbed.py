@@ -16,9 +16,10 @@ pools). Two kinds of slots (experiments/REPORT.md §8 has the measured effect of
 
 The default testbed (``default_testbed``) is the shipped world model finished without label smoothing
 (``lnjax/assets/world_model_unsmoothed``: 14 more epochs, so that it holds its facts with margins an edit can be
-measured against) with an anchored, winner-take-all fact memory at block 3: every fact of the world reads slots of its own, which is the regime the LN editors assume
-(a turn's writes reach almost no fact it does not edit). It is built once (about a minute on two CPU cores) into
-``$LNJAX_CACHE/world_memory`` (default ``~/.cache/lnjax``) and loaded from there afterwards.
+measured against) with an anchored, winner-take-all fact memory at block 3: every fact of the world reads slots of
+its own, which is the regime the LN editors assume (a turn's writes reach almost no fact it does not edit). It is
+built once (about 1.5 minutes on two CPU cores) into ``$LNJAX_CACHE/world_memory`` (default ``~/.cache/lnjax``) and
+loaded from there afterwards.
 """
 
 from __future__ import annotations
@@ -171,8 +172,8 @@ def default_testbed(log: Callable[[str], None] = print) -> Model:
     directory = os.path.join(cache_dir(), _fingerprint())
     if world_model.is_model_dir(directory):
         return world_model.load(directory)
-    log(f"building the default testbed once (the unsmoothed world model with a fact memory at block 3, about a "
-        f"minute) into {directory}")
+    log(f"building the default testbed once (the unsmoothed world model with a fact memory at block 3, about 1.5 "
+        f"minutes) into {directory}")
     s = DEFAULT_SETTINGS
     model = grow(world_model.load(BASE_DIR), s["layers"], 0, s["threshold"], s["ridge"], s["seed"], s["slot_keys"],
                  s["anchor"], s["offsets"], s["winner"])

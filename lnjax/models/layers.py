@@ -62,7 +62,8 @@ def memory_read(x: jax.Array, memory: dict, threshold: float, code: str = "zscor
     every fact its own slot (experiments/grow_memory.py ``--slot-keys facts``). With ``anchor`` (from ``anchored``)
     the cosine code is computed from the input at each position's anchor and spread over one copy of the slots
     per offset from it (slot ``j * keys + i`` = key i at offset j); ``winner`` keeps only each token's
-    best-matching key (a hard nearest-key read: a fact close to another reads its own slot alone). Otherwise (``"zscore"``):
+    best-matching key (a hard nearest-key read: a fact close to another reads its own slot alone).
+    Otherwise (``"zscore"``):
 
     Slot scores ``s = x @ key_proj (+ bias)`` [..., slots] are z-scored over the token's own slots, so about the
     same small fraction fires for every token (for Gaussian scores, 0.6% at ``threshold`` 2.5) at the cost of two
