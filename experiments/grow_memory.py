@@ -27,7 +27,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from lnjax import world_model  # noqa: E402
 from lnjax.cpu_threads import limit_lapack_threads_on_cpu  # noqa: E402
-from lnjax.memory_testbed import grow, whitening  # noqa: E402,F401  (whitening: tests/test_grow_memory.py)
+from lnjax.memory_testbed import grow  # noqa: E402
 
 
 def main(argv=None):

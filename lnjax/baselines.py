@@ -12,7 +12,7 @@ import os
 from typing import Callable, Mapping, Optional, Sequence
 
 from . import editors as editors_lib
-from . import hparams, key_stats
+from . import builtin_models, hparams, key_stats
 
 MODEL_EDITORS = hparams.MODEL_BASELINES
 WORLD_HPARAMS = hparams.WORLD_BASELINES
@@ -22,7 +22,7 @@ WORLD_CORPUS = "world pretraining text: every fact in every wording"
 
 def default_stats_dir() -> str:
     """Where key statistics are cached: ``$LNJAX_CACHE/key_stats`` (default ``~/.cache/lnjax/key_stats``)."""
-    return os.path.join(os.environ.get("LNJAX_CACHE", os.path.expanduser("~/.cache/lnjax")), "key_stats")
+    return os.path.join(builtin_models.cache_dir(), "key_stats")
 
 
 def make_editor(name: str, model, targets: Sequence[str], *, world=None, npz: Optional[Mapping[str, str]] = None,

@@ -39,9 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--model", default=None, help="HF checkpoint directory, world-model directory (e.g. "
                                                  "lnjax/assets/world_model, edited at its dense down_proj 1-3), .gguf "
                                                  "file or built-in name (smollm2: SmolLM2-135M-Instruct, fetched "
-                                                 "once); "
-                                                 "default: the world model with a fact memory (lnjax.memory_testbed, "
-                                                 "built once)")
+                                                 "once); default: the world model with a fact memory "
+                                                 "(lnjax.memory_testbed, built once)")
     r.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     r.add_argument("--dataset", choices=("world", "facts") + DATASETS, default="world",
                    help="world: the embedded world; facts: real geography facts (lnjax.facts); others read --data")

@@ -35,7 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import data, world_model
+from . import builtin_models, data, world_model
 from .batching import IGNORE, pack
 from .models import Model
 from .probe import turn_features
@@ -47,7 +47,7 @@ BASE_DIR = os.path.join(os.path.dirname(__file__), "assets", "world_model_unsmoo
 # above cosine 0.9. Chosen from the single-turn and 20-turn sweeps of experiments/REPORT.md §8.
 DEFAULT_SETTINGS = {"layers": (3,), "slot_keys": "facts", "anchor": "?", "offsets": 3, "winner": True,
                     "threshold": 0.9, "ridge": 1e-3, "seed": 0}
-DEFAULT_TARGETS = ("model.layers.3.memory.value_proj",)
+DEFAULT_TARGETS = tuple(f"model.layers.{i}.memory.value_proj" for i in DEFAULT_SETTINGS["layers"])
 
 
 def supervised_keys(model: Model, targets, pairs) -> tuple[dict, np.ndarray]:
@@ -156,8 +156,7 @@ def grow(model: Model, layers: tuple, slots: int, threshold: float, ridge: float
 
 def cache_dir() -> str:
     """Where the default testbed is kept: ``$LNJAX_CACHE/world_memory`` (default ``~/.cache/lnjax``)."""
-    root = os.environ.get("LNJAX_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "lnjax")
-    return os.path.join(root, "world_memory")
+    return os.path.join(builtin_models.cache_dir(), "world_memory")
 
 
 def _fingerprint() -> str:
@@ -186,7 +185,7 @@ def default_testbed(log: Callable[[str], None] = print) -> Model:
             raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return world_model.load(directory)
+    return model  # what was saved (the builds are deterministic, so a concurrent build saved the same)
 
 
 __all__ = ["BASE_DIR", "DEFAULT_SETTINGS", "DEFAULT_TARGETS", "cache_dir", "default_testbed", "empty_memories",

@@ -1,30 +1,25 @@
-"""experiments/grow_memory.py: the grown model computes what the shipped one does (empty memories), its memory
-input is centred and whitened on train-pool prompts, and it saves and loads as a world model."""
-
-import os
-import sys
+"""lnjax.memory_testbed (what experiments/memory_testbed.py runs): the grown model computes what the shipped one does
+(empty memories), its memory input is centred and whitened on train-pool prompts, and it saves and loads as a
+world model."""
 
 import numpy as np
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "experiments"))
-
-import grow_memory  # noqa: E402
-from lnjax import world_model  # noqa: E402
-from lnjax.world import default_world  # noqa: E402
+from lnjax import memory_testbed, world_model
+from lnjax.world import default_world
 
 
 def test_whitening_centres_and_whitens_float64():
     x = np.random.default_rng(0).normal(size=(4000, 6)) @ np.diag([5.0, 2, 1, 1, 0.5, 0.1]) + 3.0
-    mean, w = grow_memory.whitening(x, 0.0)
+    mean, w = memory_testbed.whitening(x, 0.0)
     y = (x - mean) @ w
     np.testing.assert_allclose(np.cov(y.T), np.eye(6), atol=1e-8)
-    _, ident = grow_memory.whitening(x, -1)
+    _, ident = memory_testbed.whitening(x, -1)
     np.testing.assert_array_equal(ident, np.eye(6))
 
 
 def test_grown_model_matches_base_and_centres_its_memory_input(tmp_path):
     base = world_model.default_model()
-    grown = grow_memory.grow(base, (2,), 512, 3.0, 1e-3)
+    grown = memory_testbed.grow(base, (2,), 512, 3.0, 1e-3)
     assert grown.config.memory_layers == (2,) and grown.config.memory_slots == 512
     world = default_world()
     tok = world.tokenizer()
