@@ -22,19 +22,17 @@ import argparse
 import json
 import os
 import re
-import sys
 import time
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 import lnjax as lx  # noqa: E402
-from lnjax.batching import pack_turns  # noqa: E402
+from lnjax.core.turns import pack_turns  # noqa: E402
 from lnjax.models import Model, ModelConfig, init_params  # noqa: E402
-from lnjax.probe import token_log_likelihood, minibatch_weights  # noqa: E402
+from lnjax.models.probe import token_log_likelihood, minibatch_weights  # noqa: E402
 from lnjax.engine import init_carry, make_chunk_fn, make_turn_fn, slice_chunk  # noqa: E402
 
 SHAPES = {
@@ -147,12 +145,12 @@ def bench_model(name, turns_per_chunk, repeats, edits=100, seed=0, dtype="float3
 
     # The unavoidable part: forward + backward of the turn's mini-batch losses w.r.t. the target kernels (the
     # frozen weights are an argument, as in edit_sequence, not constants folded into the program).
-    frozen, kernels = lx.sequence.frozen_and_kernels(model.params, targets)
+    frozen, kernels = lx.engine.sequence.frozen_and_kernels(model.params, targets)
 
     @jax.jit
     def fwd_bwd(kernels, frozen, batch):
         def loss(k):
-            params = lx.sequence.join(frozen, k)
+            params = lx.engine.sequence.join(frozen, k)
             w, _, _ = minibatch_weights(batch.labels, 10)
             ce, _ = token_log_likelihood(model.apply(params, batch.input_ids, batch.attention_mask), batch.labels)
             return jnp.sum(ce * w)
@@ -187,14 +185,14 @@ def bench_threshold(d_in=1536, d_out=576, sizes=(384, 1152, 1536, 2048, 3072), r
     which ``"auto"`` picks and whether that is the faster one. At N = d_in the two forms cost the same flops
     (each term of one is the other's with N and d_in swapped), so either answer is right there."""
     rng = np.random.default_rng(1)
-    primal = jax.jit(lambda K, V: lx.solve.ridge_primal(K, V, 10.0))
-    dual = jax.jit(lambda K, V: lx.solve.ridge_dual(K, V, 10.0))
+    primal = jax.jit(lambda K, V: lx.core.solve.ridge_primal(K, V, 10.0))
+    dual = jax.jit(lambda K, V: lx.core.solve.ridge_dual(K, V, 10.0))
     rows = []
     for n in sizes:
         K = jnp.asarray(rng.normal(size=(n, d_in)).astype(np.float32))
         V = jnp.asarray(rng.normal(size=(n, d_out)).astype(np.float32))
         tp, td = _timed(lambda: primal(K, V), repeats), _timed(lambda: dual(K, V), repeats)
-        auto = lx.solve.choose_method(n, d_in)
+        auto = lx.core.solve.choose_method(n, d_in)
         rows.append({"n": n, "d_in": d_in, "d_out": d_out, "primal_s": tp, "dual_s": td, "auto": auto,
                      "auto_is_faster": (auto == "dual") == (td <= tp)})
     return rows
@@ -204,8 +202,8 @@ def bench_solve(d_in=14336, d_out=4096, n=1500, repeats=2):
     rng = np.random.default_rng(0)
     K = jnp.asarray(rng.normal(size=(n, d_in)).astype(np.float32))
     V = jnp.asarray(rng.normal(size=(n, d_out)).astype(np.float32))
-    primal = jax.jit(lambda K, V: lx.solve.ridge_primal(K, V, 10.0))
-    dual = jax.jit(lambda K, V: lx.solve.ridge_dual(K, V, 10.0))
+    primal = jax.jit(lambda K, V: lx.core.solve.ridge_primal(K, V, 10.0))
+    dual = jax.jit(lambda K, V: lx.core.solve.ridge_dual(K, V, 10.0))
     a, b = primal(K, V), dual(K, V)
     rel = float(jnp.max(jnp.abs(a - b)) / jnp.max(jnp.abs(a)))
     tp = _median_time(lambda: primal(K, V), repeats)
@@ -244,10 +242,10 @@ def main(argv=None):
     ap.add_argument("--skip-solve", action="store_true")
     ap.add_argument("--json", default=None)
     ap.add_argument("--lapack-threads", type=int, default=1,
-                    help="threads of SciPy's OpenBLAS on the CPU, as lnjax.run sets them (0: leave as found)")
+                    help="threads of SciPy's OpenBLAS on the CPU, as lnjax.app.run sets them (0: leave as found)")
     args = ap.parse_args(argv)
     if args.lapack_threads:
-        lx.cpu_threads.limit_lapack_threads_on_cpu(args.lapack_threads)
+        lx.core.cpu_threads.limit_lapack_threads_on_cpu(args.lapack_threads)
     results = {"device": str(jax.devices()[0]), "lapack_threads": args.lapack_threads, "models": {}}
 
     def save():

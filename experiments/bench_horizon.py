@@ -16,18 +16,19 @@ Writes ``horizon.json`` (wall time, RSS at 10/50/100% of the turns, metrics at e
 import argparse
 import json
 import os
-import sys
 import time
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 import numpy as np  # noqa: E402
 
-from lnjax import data, editors, eval as ev, world_model  # noqa: E402
-from lnjax.plots import pyplot  # noqa: E402
-from lnjax.batching import pack_turns  # noqa: E402
-from lnjax.hparams import WORLD_HPARAMS  # noqa: E402
-from lnjax.sequence import Evaluation, edit_sequence  # noqa: E402
+from lnjax import data  # noqa: E402
+from lnjax import editors
+from lnjax import eval as ev
+from lnjax.world import world_model
+from lnjax.app.plots import pyplot  # noqa: E402
+from lnjax.core.turns import pack_turns  # noqa: E402
+from lnjax.app.hparams import WORLD_HPARAMS  # noqa: E402
+from lnjax.engine.sequence import Evaluation, edit_sequence  # noqa: E402
 from lnjax.world import default_world  # noqa: E402
 
 

@@ -20,14 +20,11 @@ other, which puts the edited module in the regime the LN editors assume (REPORT.
 """
 
 import argparse
-import os
-import sys
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from lnjax import world_model  # noqa: E402
-from lnjax.cpu_threads import limit_lapack_threads_on_cpu  # noqa: E402
-from lnjax.memory_testbed import grow  # noqa: E402
+from lnjax.world import world_model  # noqa: E402
+from lnjax.core.cpu_threads import limit_lapack_threads_on_cpu  # noqa: E402
+from lnjax.world.memory_testbed import grow  # noqa: E402
 
 
 def main(argv=None):

@@ -6,7 +6,7 @@ editors): each editor is meta-trained on the world's training split (cached in `
     python experiments/hypernets_world.py --lr 1e-6 --meta-lr 1e-5   # the published initial values
 
 The published initial edit learning rate (1e-6) is tied to 7B-model feature scales; on the world model the
-closed-form editors need about 1e-2 (``lnjax.run.WORLD_HPARAMS``), hence the world-scaled default. LN on and off
+closed-form editors need about 1e-2 (``lnjax.app.hparams.WORLD_HPARAMS``), hence the world-scaled default. LN on and off
 use the same settings, as in the ablation.
 """
 
@@ -15,10 +15,10 @@ import json
 import os
 import sys
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from lnjax.run import RunConfig, format_table, run  # noqa: E402
-from lnjax.world_model import ASSET_DIR  # noqa: E402
+from lnjax.app.report import format_table  # noqa: E402
+from lnjax.app.run import RunConfig, run  # noqa: E402
+from lnjax.world.world_model import ASSET_DIR  # noqa: E402
 
 
 def main(argv=None):

@@ -27,15 +27,16 @@ Writes ``key_geometry.json`` and ``summary.md``.
 import argparse
 import json
 import os
-import sys
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 import numpy as np  # noqa: E402
 
-from lnjax import data, facts, hf, world_model  # noqa: E402
-from lnjax.batching import IGNORE, pack  # noqa: E402
-from lnjax.memory_testbed import supervised_keys  # noqa: E402
+from lnjax import data  # noqa: E402
+from lnjax.data import facts
+from lnjax.io import hf
+from lnjax.world import world_model
+from lnjax.core.turns import IGNORE, pack  # noqa: E402
+from lnjax.world.memory_testbed import supervised_keys  # noqa: E402
 from lnjax.world import default_world  # noqa: E402
 
 

@@ -17,17 +17,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 
 import numpy as np
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import lnjax as lx  # noqa: E402
 from key_geometry import supervised_keys, supervised_logits  # noqa: E402
-from lnjax import data, world_model  # noqa: E402
-from lnjax.batching import pack_turns  # noqa: E402
+from lnjax import data  # noqa: E402
+from lnjax.world import world_model
+from lnjax.core.turns import pack_turns  # noqa: E402
 from lnjax.models import Model  # noqa: E402
 from lnjax.world import default_world  # noqa: E402
 
@@ -82,7 +80,7 @@ def main(argv=None):
     ap.add_argument("--n-loc", type=int, default=1200)
     ap.add_argument("--out", default="runs/leak_by_answer")
     args = ap.parse_args(argv)
-    lx.cpu_threads.limit_lapack_threads_on_cpu(1)
+    lx.core.cpu_threads.limit_lapack_threads_on_cpu(1)
     world = default_world()
     tok = world.tokenizer()
     model = world_model.load(args.model) if args.model else world_model.default_model()

@@ -19,8 +19,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lnjax import baselines, data, eval as eval_lib, world_model
-from lnjax.batching import EditTurn, pack_turns
+from lnjax.app import baselines
+from lnjax import data
+from lnjax import eval as eval_lib
+from lnjax.world import world_model
+from lnjax.core.turns import EditTurn, pack_turns
 from lnjax.models import get_module, with_module_leaf
 from lnjax.world import default_world
 

@@ -7,7 +7,7 @@
 
 Staged pretraining (for architectures whose pretraining does not fit one sitting): ``--checkpoint-dir DIR`` saves
 the parameters, the optimizer state, the data-order generator and the loss curve after every epoch (Orbax, via
-``lnjax.checkpoint``), and ``--resume`` continues from the newest one there, to the same result as one
+``lnjax.io.checkpoint``), and ``--resume`` continues from the newest one there, to the same result as one
 uninterrupted run; a checkpoint made with other settings is refused with the differences. The architecture is
 ``--d-model/--layers/--d-ff/--activation`` (default: the shipped model's), e.g. the wide-MLP testbed measured in
 experiments/REPORT.md §8:
@@ -21,22 +21,20 @@ import argparse
 import dataclasses
 import json
 import os
-import sys
 import time
 from typing import Callable, Optional
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
-from lnjax import checkpoint as ckpt_lib  # noqa: E402
-from lnjax import world_model as wm  # noqa: E402
-from lnjax.batching import pack, probe_length  # noqa: E402
+from lnjax.io import checkpoint as ckpt_lib  # noqa: E402
+from lnjax.world import world_model as wm  # noqa: E402
+from lnjax.core.turns import pack, probe_length  # noqa: E402
 from lnjax.models import Model, ModelConfig, init_params  # noqa: E402
-from lnjax.probe import token_log_likelihood  # noqa: E402
+from lnjax.models.probe import token_log_likelihood  # noqa: E402
 from lnjax.world import World, WorldSpec  # noqa: E402
 
 

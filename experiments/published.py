@@ -15,9 +15,8 @@ import os
 import shlex
 import sys
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from lnjax import presets  # noqa: E402
+from lnjax.app import presets  # noqa: E402
 
 # dataset -> (edit file, training-split file, edits in the published run)
 DATASETS = {
@@ -83,7 +82,7 @@ def main(argv=None):
     if not args.run:
         print(shlex.join(cmd))
         return 0
-    from lnjax.cli import main as cli_main
+    from lnjax.app.cli import main as cli_main
     return cli_main(cmd[1:])
 
 

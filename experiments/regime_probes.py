@@ -8,7 +8,7 @@ experiments/REPORT.md "Towards the method's regime").
     python experiments/regime_probes.py --oracle 30 --oracle-lr 1.0 --layers 3  # values optimised by Adam
 
 One turn of ``--edits`` seed-1 edits on the pre-turn model: keys and value gradients at the supervised positions
-(lnjax.probe), lifelong statistics of this turn (lnjax.ln), pseudo-values ``V`` after ``--steps`` LN-normalised
+(lnjax.models.probe), lifelong statistics of this turn (lnjax.core.ln), pseudo-values ``V`` after ``--steps`` LN-normalised
 steps ``v += -lr ||k̂||² ĝ`` (``--steps 1`` is UltraEdit's formula; each step re-differentiates the loss with the
 values added at the targets' outputs), or after ``--oracle`` Adam steps on the values themselves; then the ridge
 shift (α ``--alpha``) on the raw keys, in the identity metric or (``--metric corpus``) in the second moment of the
@@ -18,23 +18,22 @@ the unedited model, the target loss before and after the value steps, and the me
 
 import argparse
 import json
-import os
-import sys
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
-from lnjax import data, ln, world_model  # noqa: E402
+from lnjax import data  # noqa: E402
+from lnjax.core import ln
+from lnjax.world import world_model
 from lnjax import eval as eval_lib  # noqa: E402
-from lnjax.batching import IGNORE, pack, pack_turns  # noqa: E402
+from lnjax.core.turns import IGNORE, pack, pack_turns  # noqa: E402
 from lnjax.engine import frozen_and_kernels, join  # noqa: E402
 from lnjax.models import get_module, with_module_leaf  # noqa: E402
-from lnjax.probe import Tap, minibatch_weights, token_log_likelihood, turn_features  # noqa: E402
-from lnjax.solve import ridge_shift  # noqa: E402
+from lnjax.models.probe import Tap, minibatch_weights, token_log_likelihood, turn_features  # noqa: E402
+from lnjax.core.solve import ridge_shift  # noqa: E402
 from lnjax.world import default_world  # noqa: E402
 
 

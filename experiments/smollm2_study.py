@@ -5,7 +5,7 @@
         --grid "ultraedit=1e-3;stableedit=1e-3;no_normalization=~1e-3;ultraedit=1e-2;stableedit=1e-2"
 
 ``knowledge``: what the unedited model gets right on the first ``n`` edit-split facts with their true answers,
-by relation (teacher-forced and greedy), and the known/unknown row indices (``lnjax.facts.knowledge``).
+by relation (teacher-forced and greedy), and the known/unknown row indices (``lnjax.eval.knowledge``).
 
 ``frontier``: one turn of ``--edits`` counterfactual edits on ``--targets`` per (editor, lr), evaluated on the
 edit, paraphrase and locality probes (teacher-forced) and locality vs the unedited model. First it records the
@@ -18,23 +18,25 @@ StableEdit gets one warm-up turn from the training split, as ``lnjax run`` gives
 import argparse
 import json
 import os
-import sys
 import time
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 import numpy as np  # noqa: E402
 
 import lnjax as lx  # noqa: E402
-from lnjax import builtin_models, data, eval as eval_lib, facts  # noqa: E402
-from lnjax.batching import pack, pack_turns  # noqa: E402
-from lnjax.probe import turn_features  # noqa: E402
-from lnjax.hparams import uses_warmup  # noqa: E402
+from lnjax.io import builtin_models  # noqa: E402
+from lnjax import data
+from lnjax import eval as eval_lib
+from lnjax.data import facts
+from lnjax.eval import knowledge as knowledge_lib
+from lnjax.core.turns import pack, pack_turns  # noqa: E402
+from lnjax.models.probe import turn_features  # noqa: E402
+from lnjax.app.hparams import uses_warmup  # noqa: E402
 
 
 def knowledge(model, tok, args):
     t0 = time.time()
-    out = facts.knowledge(model.apply, model.params, tok, "edit", args.n, seed=args.seed)
+    out = knowledge_lib.knowledge(model.apply, model.params, tok, "edit", args.n, seed=args.seed)
     out["seconds"] = time.time() - t0
     out["versions"] = facts.versions()
     return out

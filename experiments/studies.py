@@ -16,21 +16,22 @@ Seeded: rerunning a study gives the same numbers.
 import argparse
 import json
 import os
-import sys
 import time
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 import numpy as np  # noqa: E402
 
-from lnjax import data, editors, eval as ev, world_model  # noqa: E402
-from lnjax.batching import pack_turns  # noqa: E402
-from lnjax.plots import plot_update_curves, pyplot, update_curves  # noqa: E402
-from lnjax.batching import probe_length  # noqa: E402
-from lnjax.hparams import META_TRAINED, WORLD_HPARAMS  # noqa: E402
-from lnjax.report import format_table, write_config_and_results  # noqa: E402
-from lnjax.run import RunConfig, editor_settings, run  # noqa: E402
-from lnjax.sequence import edit_sequence  # noqa: E402
+from lnjax import data  # noqa: E402
+from lnjax import editors
+from lnjax import eval as ev
+from lnjax.world import world_model
+from lnjax.core.turns import pack_turns  # noqa: E402
+from lnjax.app.plots import plot_update_curves, pyplot, update_curves  # noqa: E402
+from lnjax.core.turns import probe_length  # noqa: E402
+from lnjax.app.hparams import META_TRAINED, WORLD_HPARAMS  # noqa: E402
+from lnjax.app.report import format_table, write_config_and_results  # noqa: E402
+from lnjax.app.run import RunConfig, editor_settings, run  # noqa: E402
+from lnjax.engine.sequence import edit_sequence  # noqa: E402
 from lnjax.world import default_world  # noqa: E402
 
 # The studies of REPORT.md §1-5 edit the shipped world model's dense down_proj 1-3 (lnjax run's default before
@@ -78,7 +79,7 @@ def _study_editor(name, model):
     """Registry editor ``name`` with its world settings; the hypernetwork editors meta-trained (or read from
     the ``runs/hypernets`` cache) as ``lnjax run`` does."""
     if name in META_TRAINED:
-        from lnjax.meta import trained_editor
+        from lnjax.app.train_editor import trained_editor
         return trained_editor(name, model, world_model.DEFAULT_TARGETS, log=lambda m: None)
     return editors.get(name, **WORLD_HPARAMS[name])
 
@@ -210,12 +211,12 @@ def study_ablations(out, quick):
                   results, "\n".join(lines))
 
 
-def study_meta_curves(out, quick, editors_=HYPERNET_PAIRS, cache="runs/hypernets"):
+def study_meta_curves(out, quick, editors_=HYPERNET_PAIRS, cache=None):
     """The hypernetwork editors' meta-training curves (per-turn generalization and locality losses), read from
     the training diagnostics of the nets ``lnjax run`` uses (meta-trained into ``cache`` first when absent).
     ``--quick`` meta-trains MALMEN on 200 records into ``<out>/meta_curves/nets`` instead."""
-    from lnjax.checkpoint import DiagnosticsLog
-    from lnjax.meta import trained_editor, training_plan
+    from lnjax.io.checkpoint import DiagnosticsLog
+    from lnjax.app.train_editor import trained_editor, training_plan
 
     names, n_train = (("malmen",), 200) if quick else (tuple(editors_), None)
     cache = os.path.join(out, "meta_curves", "nets") if quick else cache

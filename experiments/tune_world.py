@@ -7,18 +7,16 @@
 Edits are drawn with a seed other than the default run's (``--seed 1``). Prints one JSON line per
 (editor, lr, alpha) with the teacher-forced metrics and locality vs the unedited model, writes them all to
 ``--out`` (JSON) and plots efficacy and generalization against locality per editor next to it (PNG). The
-defaults in ``lnjax.hparams.WORLD_HPARAMS`` were chosen from such a sweep.
+defaults in ``lnjax.app.hparams.WORLD_HPARAMS`` were chosen from such a sweep.
 """
 
 import argparse
 import json
 import os
-import sys
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from lnjax.plots import pyplot  # noqa: E402
-from lnjax.run import RunConfig, run  # noqa: E402
+from lnjax.app.plots import pyplot  # noqa: E402
+from lnjax.app.run import RunConfig, run  # noqa: E402
 
 
 def parse_grid(grid: str, editors: str, lrs: str) -> list[tuple[str, list[float]]]:

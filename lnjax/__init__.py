@@ -5,8 +5,20 @@
     state = ed.init({"model.layers.29.mlp.down_proj": (14336, 4096)})
     deltas, state = ed.update({"model.layers.29.mlp.down_proj": lx.Features(keys=K, value_grads=G)}, state)
 
-Submodules and the names below are imported on first use (``import lnjax`` itself loads nothing heavy); the
-README lists what every module holds and docs/method.md the maths.
+The package is drawn in layers, each a subpackage that imports only the ones before it (tests/test_layers.py
+holds the table):
+
+    core     the method's maths and contracts: LN statistics, ridge solves, Features, the Editor protocol, turns
+    models   pure decoders (Llama/Mistral/Qwen2, GPT-2, GPT-J) and the probe (keys, value gradients)
+    editors  the registry and every editor family: lifelong normalization, FT, MEMIT/AlphaEdit, hypernetworks
+    io       HF safetensors, GGUF, built-in models, Orbax checkpoints, the cache root
+    engine   the compiled scan over turns, edit_sequence (the host loop with hooks), sharding, meta-training
+    data     readers of the field's edit files, tokenization, the real-fact set
+    eval     protocol-named metrics
+    world    the synthetic world, its shipped models and testbeds
+    app      lnjax run / train-editor, tuned tables, presets of the published runs, reports and plots
+
+The names below are the public face; subpackages load on first use (``import lnjax`` itself loads nothing heavy).
 """
 
 from __future__ import annotations
@@ -16,19 +28,21 @@ from typing import Any
 
 __version__ = "0.1.0"
 
-_SUBMODULES = ("baselines", "batching", "checkpoint", "cli", "cpu_threads", "data", "editors", "engine", "eval",
-               "features", "ft", "hf", "hf_layout", "hparams", "hypernet", "key_stats", "ln", "locate",
-               "memory_testbed", "meta", "models", "plots", "presets", "probe", "protocol", "report", "run",
-               "sequence", "sharding", "solve", "world", "world_model")
-_NAMES = {"Editor": "editors", "EditorState": "editors", "Features": "features", "TurnBatch": "batching",
-          "EditTurn": "batching", "SequenceResult": "sequence", "edit_sequence": "sequence"}
+_SUBPACKAGES = ("core", "models", "editors", "io", "engine", "data", "eval", "world", "app")
+# Short names for the modules users reach for most (``lx.hf.load``, ``lx.presets.targets``, ...).
+_ALIASES = {"hf": "io.hf", "presets": "app.presets", "hparams": "app.hparams"}
+_NAMES = {"Editor": "core.protocol", "EditorState": "core.protocol", "Features": "core.features",
+          "TurnBatch": "core.turns", "EditTurn": "core.turns", "SequenceResult": "engine.sequence",
+          "edit_sequence": "engine.sequence"}
 
-__all__ = sorted(_SUBMODULES + tuple(_NAMES)) + ["__version__"]
+__all__ = sorted(_SUBPACKAGES + tuple(_ALIASES) + tuple(_NAMES)) + ["__version__"]
 
 
 def __getattr__(name: str) -> Any:
-    if name in _SUBMODULES:
+    if name in _SUBPACKAGES:
         return importlib.import_module(f".{name}", __name__)
+    if name in _ALIASES:
+        return importlib.import_module(f".{_ALIASES[name]}", __name__)
     if name in _NAMES:
         value = getattr(importlib.import_module(f".{_NAMES[name]}", __name__), name)
         globals()[name] = value

@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 
 import lnjax as lx
-from lnjax import checkpoint
-from lnjax.batching import pack_turns
+from lnjax.io import checkpoint
+from lnjax.core.turns import pack_turns
 from lnjax.models import Model, ModelConfig, get_module, init_params
-from lnjax.sequence import NonFiniteShift, edit_sequence
+from lnjax.engine.sequence import NonFiniteShift, edit_sequence
 
 CFG = ModelConfig(arch="llama", vocab_size=41, d_model=16, n_layers=2, n_heads=2, d_ff=24)
 TARGETS = ["model.layers.0.mlp.down_proj", "model.layers.1.mlp.down_proj"]

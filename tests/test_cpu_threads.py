@@ -1,4 +1,4 @@
-"""lnjax.cpu_threads: the thread count of SciPy's OpenBLAS (JAX's CPU LAPACK) is set, and solves still agree."""
+"""lnjax.core.cpu_threads: the thread count of SciPy's OpenBLAS (JAX's CPU LAPACK) is set, and solves still agree."""
 
 import ctypes
 
@@ -7,8 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lnjax.cpu_threads import limit_lapack_threads, limit_lapack_threads_on_cpu
-from lnjax.solve import ridge_dual
+from lnjax.core.cpu_threads import limit_lapack_threads, limit_lapack_threads_on_cpu
+from lnjax.core.solve import ridge_dual
 
 
 def _threads(path):

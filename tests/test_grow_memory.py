@@ -1,10 +1,11 @@
-"""lnjax.memory_testbed (what experiments/memory_testbed.py runs): the grown model computes what the shipped one does
+"""lnjax.world.memory_testbed (what experiments/memory_testbed.py runs): the grown model computes what the shipped one does
 (empty memories), its memory input is centred and whitened on train-pool prompts, and it saves and loads as a
 world model."""
 
 import numpy as np
 
-from lnjax import memory_testbed, world_model
+from lnjax.world import memory_testbed
+from lnjax.world import world_model
 from lnjax.world import default_world
 
 

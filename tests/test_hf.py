@@ -12,7 +12,7 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 import lnjax as lx  # noqa: E402
-from lnjax.hf import CheckpointError  # noqa: E402
+from lnjax.io.hf import CheckpointError  # noqa: E402
 from lnjax.models import get_module, with_module_leaf  # noqa: E402
 
 V = 101

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 
 import lnjax as lx
-from lnjax import hypernet as hn
-from lnjax import ln
+from lnjax.editors import hypernet as hn
+from lnjax.core import ln
 from reference_np import RefStats
 import reference_hypernet_np as ref
 
@@ -180,7 +180,7 @@ def test_h3_meta_gradient_equals_closed_forms_and_finite_differences(kind):
         if kind == "ridge":
             grads, dD, dW = ref.ridge_meta_grad(p64, r, K, G, m, GW[n].astype(np.float64))
             # dL/dD = K S^-1 G_W is the vjp of D -> ridge(K, D, e^lamda) with cotangent G_W
-            _, vjp = jax.vjp(lambda D: lx.solve.ridge_shift(f.keys[f.mask], D, float(np.exp(p64["lamda"][m]))),
+            _, vjp = jax.vjp(lambda D: lx.core.solve.ridge_shift(f.keys[f.mask], D, float(np.exp(p64["lamda"][m]))),
                              jnp.zeros((int(f.mask.sum()), D_OUT), jnp.float32))
             np.testing.assert_allclose(np.asarray(vjp(jnp.asarray(GW[n]))[0]), dD, rtol=1e-4,
                                        atol=1e-5 * np.abs(dD).max())

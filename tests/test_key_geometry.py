@@ -10,7 +10,7 @@ import numpy as np
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "experiments"))
 
 import key_geometry  # noqa: E402
-from lnjax import world_model  # noqa: E402
+from lnjax.world import world_model  # noqa: E402
 
 
 def test_covariance_spectrum_from_either_side_matches_numpy():

@@ -5,8 +5,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lnjax import key_stats
-from lnjax.batching import pack
+from lnjax.editors import key_stats
+from lnjax.io import stats_cache
+from lnjax.core.turns import pack
 from lnjax.models import Model, ModelConfig, init_params
 
 CFG = ModelConfig(arch="llama", vocab_size=61, d_model=16, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=24)
@@ -40,15 +41,15 @@ def test_streaming_accumulator_equals_batch_estimate():
 def test_cache_is_keyed_by_model_layers_and_corpus(tmp_path):
     m, corpus = _model(), _corpus()
     logs = []
-    a = key_stats.cached_stats(m.apply, m.params, TARGETS, corpus, str(tmp_path), log=logs.append)
-    b = key_stats.cached_stats(m.apply, m.params, TARGETS, corpus, str(tmp_path), log=logs.append)
+    a = stats_cache.cached_stats(m.apply, m.params, TARGETS, corpus, str(tmp_path), log=logs.append)
+    b = stats_cache.cached_stats(m.apply, m.params, TARGETS, corpus, str(tmp_path), log=logs.append)
     assert "loaded" in logs[-1] and len(os.listdir(tmp_path)) == 1
     for t in TARGETS:
         np.testing.assert_array_equal(np.asarray(a[t].mom2), np.asarray(b[t].mom2))
-    key = key_stats.cache_key(m.params, TARGETS, corpus)
-    assert key != key_stats.cache_key(_model(1).params, TARGETS, corpus)
-    assert key != key_stats.cache_key(m.params, TARGETS[:1], corpus)
-    assert key != key_stats.cache_key(m.params, TARGETS, _corpus(seed=1))
+    key = stats_cache.cache_key(m.params, TARGETS, corpus)
+    assert key != stats_cache.cache_key(_model(1).params, TARGETS, corpus)
+    assert key != stats_cache.cache_key(m.params, TARGETS[:1], corpus)
+    assert key != stats_cache.cache_key(m.params, TARGETS, _corpus(seed=1))
 
 
 def test_memit_npz_is_read_and_checked(tmp_path):
@@ -64,7 +65,7 @@ def test_memit_npz_is_read_and_checked(tmp_path):
 
 
 def test_make_editor_reads_npz_statistics_and_labels_them(tmp_path):
-    from lnjax import baselines
+    from lnjax.app import baselines
     m = _model()
     stats = key_stats.collect(m.apply, m.params, TARGETS, _corpus(), batch_size=8)
     paths = {}
@@ -82,7 +83,8 @@ def test_make_editor_reads_npz_statistics_and_labels_them(tmp_path):
 
 
 def test_alphaedit_state_round_trips_through_a_checkpoint(tmp_path):
-    from lnjax import checkpoint, locate
+    from lnjax.io import checkpoint
+    from lnjax.editors import locate
     m = _model()
     stats = key_stats.collect(m.apply, m.params, TARGETS, _corpus(), batch_size=8)
     ed = locate.alphaedit(m.apply, stats, null_rank=4)

@@ -3,7 +3,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lnjax import ln
+from lnjax.core import ln
 from reference_np import F32_EPS, RefStats
 
 

@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 
 import lnjax as lx
-from lnjax import key_stats, locate
-from lnjax.batching import IGNORE, EditTurn, TurnBatch, pack
+from lnjax.editors import key_stats
+from lnjax.editors import locate
+from lnjax.core.turns import IGNORE, EditTurn, TurnBatch, pack
 from lnjax.models import Model, ModelConfig, apply_fn, get_module, init_params, with_module_leaf
 from reference_locate_np import alphaedit_update, memit_update, projector
 

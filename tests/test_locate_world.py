@@ -3,8 +3,10 @@ import jax.numpy as jnp
 import numpy as np
 
 import lnjax as lx
-from lnjax import data, key_stats, world_model
-from lnjax.batching import EditTurn, TurnBatch, pack
+from lnjax import data
+from lnjax.editors import key_stats
+from lnjax.world import world_model
+from lnjax.core.turns import EditTurn, TurnBatch, pack
 from lnjax.models import get_module, with_module_leaf
 from lnjax.engine import edit_accuracy
 
@@ -15,7 +17,7 @@ def test_memit_one_turn_on_the_world_model_raises_efficacy(tmp_path):
     m, w = world_model.default_model(), lx.world.default_world()
     tok = w.tokenizer()
     targets = ("model.layers.1.mlp.down_proj", "model.layers.2.mlp.down_proj")
-    corpus = key_stats.world_corpus(w, tok)
+    corpus = world_model.world_corpus(w, tok)
     corpus = TurnBatch(*(np.asarray(a)[::12] for a in (corpus.input_ids, corpus.attention_mask, corpus.labels)))
     stats = key_stats.collect(m.apply, m.params, targets, corpus, batch_size=3000)
     assert key_stats.tokens(stats) > 15 * 1024

@@ -6,8 +6,8 @@ import os
 import numpy as np
 import pytest
 
-from lnjax import world_model
-from lnjax.cli import main
+from lnjax.world import world_model
+from lnjax.app.cli import main
 from lnjax.world import default_world
 
 
@@ -19,7 +19,7 @@ def test_shipped_model_knows_its_world():
     # an independent sample, every wording, scored here
     rng = np.random.default_rng(0)
     idx = rng.choice(world.n_facts, 600, replace=False)
-    from lnjax.batching import pack
+    from lnjax.core.turns import pack
     accs = []
     for examples in world_model.fact_examples(world):
         accs.append(world_model.fact_accuracy(model.config, model.params, pack([examples[i] for i in idx])))

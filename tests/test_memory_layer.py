@@ -9,12 +9,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lnjax import world_model
-from lnjax.checkpoint import CheckpointError
+from lnjax.world import world_model
+from lnjax.io.checkpoint import CheckpointError
 from lnjax.models import Model, ModelConfig, init_params
 from lnjax.models.layers import memory_read
 from lnjax.models.llama import config_to_hf
-from lnjax.probe import TurnBatch, turn_features
+from lnjax.models.probe import TurnBatch, turn_features
 
 
 def _cfg(layers=(1,), slots=256, threshold=2.0):

@@ -3,12 +3,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lnjax import hypernet as hn
-from lnjax import meta
+from lnjax.editors import hypernet as hn
+from lnjax.engine import meta
 from lnjax.data import TokenizedRecord
 from lnjax.models import Model, ModelConfig, init_params
-from lnjax.probe import turn_features
-from lnjax.sequence import edit_sequence, frozen_and_kernels, join
+from lnjax.models.probe import turn_features
+from lnjax.engine.sequence import edit_sequence, frozen_and_kernels, join
 from reference_np import RefStats
 import reference_hypernet_np as ref
 
@@ -40,7 +40,7 @@ def _meta(algorithm, **kw):
 
 def _loss_grad(model, frozen, kernels, ref_kernels, slots, loc_coef):
     """G_W = d/dW of Σ_j w_j [Σ_mb mean CE(paraphrase_j) + loc_coef Σ_mb mean KL(p_ref || p)(locality_j)],
-    written out mini-batch by mini-batch (independent of lnjax.meta's weighting)."""
+    written out mini-batch by mini-batch (independent of lnjax.engine.meta's weighting)."""
     ref_params = join(frozen, ref_kernels)
 
     def L(k):

@@ -9,7 +9,7 @@ import jax
 import numpy as np
 import pytest
 
-from lnjax import checkpoint
+from lnjax.io import checkpoint
 from lnjax.models import ModelConfig
 from lnjax.world import World, WorldSpec
 

@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 
 import lnjax as lx
-from lnjax.batching import pack, pack_turns
+from lnjax.core.turns import pack, pack_turns
 from lnjax.models import Model, ModelConfig, get_module, init_params
-from lnjax.probe import TurnBatch, turn_features
-from lnjax.sequence import edit_sequence, init_carry, make_turn_fn, schedule
+from lnjax.models.probe import TurnBatch, turn_features
+from lnjax.engine.sequence import edit_sequence, init_carry, make_turn_fn, schedule
 
 CFG = ModelConfig(arch="llama", vocab_size=61, d_model=16, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=24)
 TARGETS = ["model.layers.0.mlp.down_proj", "model.layers.1.mlp.down_proj"]
@@ -78,7 +78,7 @@ def test_probe_features_reproduce_the_kernel_gradient():
     def loss(kernel):
         p = lx.models.with_module_leaf(model.params, TARGETS[1], "kernel", kernel)
         logits = model.apply(p, batch.input_ids, batch.attention_mask)
-        ce, sup = lx.probe.token_log_likelihood(logits, batch.labels)
+        ce, sup = lx.models.probe.token_log_likelihood(logits, batch.labels)
         return jnp.sum(ce) / jnp.sum(sup)
 
     expected = jax.jit(jax.grad(loss))(get_module(model.params, TARGETS[1])["kernel"])

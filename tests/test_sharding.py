@@ -11,9 +11,9 @@ SCRIPT = textwrap.dedent('''
     import jax, numpy as np
     jax.config.update("jax_default_matmul_precision", "highest")
     import lnjax as lx
-    from lnjax.batching import pack_turns
+    from lnjax.core.turns import pack_turns
     from lnjax.models import Model, ModelConfig, get_module, init_params
-    from lnjax.sharding import make_mesh
+    from lnjax.engine.sharding import make_mesh
     assert len(jax.devices()) == 8
     cfg = ModelConfig(arch="llama", vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64)
     model = Model(cfg, init_params(cfg, jax.random.PRNGKey(0), std=0.2))
@@ -51,7 +51,7 @@ def test_sharded_run_matches_single_device():
 def test_mesh_spec_errors():
     import pytest
 
-    from lnjax.sharding import make_mesh
+    from lnjax.engine.sharding import make_mesh
     with pytest.raises(ValueError, match="expected entries like"):
         make_mesh("data=two")
     with pytest.raises(ValueError, match="needs 64 devices"):

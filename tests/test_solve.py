@@ -2,7 +2,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lnjax.solve import choose_method, ridge_dual, ridge_primal, ridge_shift
+from lnjax.core.solve import choose_method, ridge_dual, ridge_primal, ridge_shift
 
 
 @pytest.mark.parametrize("n,d_in", [(20, 64), (90, 30)])

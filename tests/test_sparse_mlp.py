@@ -6,11 +6,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lnjax.checkpoint import CheckpointError
+from lnjax.io.checkpoint import CheckpointError
 from lnjax.models import Model, ModelConfig, init_params
 from lnjax.models.layers import keep_topk
 from lnjax.models.llama import config_to_hf
-from lnjax.probe import TurnBatch, turn_features
+from lnjax.models.probe import TurnBatch, turn_features
 
 
 def _cfg(k):

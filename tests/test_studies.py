@@ -27,8 +27,8 @@ def test_published_commands_parse_and_match_the_presets():
     sys.path.insert(0, os.path.join(ROOT, "experiments"))
     import published
 
-    from lnjax import presets
-    from lnjax.cli import build_parser
+    from lnjax.app import presets
+    from lnjax.app.cli import build_parser
 
     for model in presets.MODELS:
         for dataset, (_, _, n_edits) in published.DATASETS.items():

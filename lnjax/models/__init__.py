@@ -8,11 +8,11 @@ from typing import Any, Callable, Optional
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from . import gpt2, gptj, llama
 from .config import ARCHITECTURES, ModelConfig
 from .layers import linear
+from lnjax.core.tree import get_module, leaf_paths, split_path, with_module_leaf  # noqa: F401  (re-exported)
 
 _MODULES = {"llama": llama, "mistral": llama, "qwen2": llama, "gpt2": gpt2, "gptj": gptj}
 
@@ -75,52 +75,6 @@ def init_params(cfg: ModelConfig, key: jax.Array, dtype=jnp.float32, std: float 
         else:
             out.append((std * jax.random.normal(k, shape, jnp.float32)).astype(dtype))
     return jax.tree_util.tree_unflatten(treedef, out)
-
-
-def split_path(path: str) -> list:
-    """``"model.layers.3.mlp.down_proj"`` → ``["model", "layers", 3, "mlp", "down_proj"]``."""
-    return [int(p) if p.isdigit() else p for p in path.split(".")]
-
-
-def get_module(params: Any, path: str) -> Any:
-    """The sub-dict of ``params`` at HF module path ``path``; KeyError naming the missing part."""
-    node = params
-    for i, part in enumerate(split_path(path)):
-        try:
-            node = node[part]
-        except (KeyError, IndexError, TypeError):
-            raise KeyError(f"module path {path!r}: no {'.'.join(map(str, split_path(path)[:i + 1]))!r} "
-                           "in the parameters") from None
-    return node
-
-
-def leaf_paths(tree: Any, is_leaf: Optional[Callable] = None) -> list[tuple[str, str, Any]]:
-    """``(module path, leaf name, value)`` of every leaf of a nested params-like tree, in flattening order
-    (``("model.layers.0.mlp.down_proj", "kernel", x)``); ``is_leaf`` as in ``jax.tree_util``."""
-    out = []
-    for path, value in jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_leaf)[0]:
-        parts = [str(getattr(p, "key", getattr(p, "idx", None))) for p in path]
-        out.append((".".join(parts[:-1]), parts[-1], value))
-    return out
-
-
-def with_module_leaf(params: Any, path: str, leaf: str, value: Any) -> Any:
-    """A copy of ``params`` with ``params[path][leaf] = value`` (only the containers on the path are copied)."""
-    parts = split_path(path) + [leaf]
-
-    def rec(node, i):
-        if i == len(parts):
-            return value
-        part = parts[i]
-        if isinstance(node, list):
-            new = list(node)
-        else:
-            new = dict(node)
-        new[part] = rec(node[part], i + 1)
-        return new
-
-    get_module(params, path)  # raises a clear error first
-    return rec(params, 0)
 
 
 __all__ = ["ARCHITECTURES", "Model", "ModelConfig", "abstract_params", "apply_fn", "architecture", "get_module",

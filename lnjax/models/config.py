@@ -7,7 +7,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Optional
 
-from ..checkpoint import CheckpointError
+from lnjax.core.errors import CheckpointError
 from .layers import ACTIVATIONS
 
 ARCHITECTURES = ("llama", "mistral", "qwen2", "gpt2", "gptj")

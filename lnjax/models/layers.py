@@ -1,7 +1,7 @@
 """Building blocks shared by the decoders: linear maps, norms, rotary embeddings, attention.
 
 Every function is pure over arrays and nested-dict parameters. Kernels are ``(in, out)``. ``linear`` applies its
-kernel with ``x @ kernel`` so that ``lnjax.probe`` can stand a tap in for an edited kernel (see ``probe.Tap``).
+kernel with ``x @ kernel`` so that ``lnjax.models.probe`` can stand a tap in for an edited kernel (see ``probe.Tap``).
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ def linear(x: jax.Array, p: dict) -> jax.Array:
 
 def block_output(h: jax.Array, layer: dict) -> jax.Array:
     """The residual stream ``h`` [B, L, d_model] after a block, passed through ``layer["residual"]`` when a caller
-    has put a function there (``lnjax.locate`` reads and shifts block outputs this way); otherwise ``h``."""
+    has put a function there (``lnjax.editors.locate`` reads and shifts block outputs this way); otherwise ``h``."""
     hook = layer.get("residual")
     return h if hook is None else hook(h)
 

@@ -10,7 +10,7 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 
-from ..checkpoint import CheckpointError
+from lnjax.core.errors import CheckpointError
 from .config import ModelConfig, hf_activation, hf_common, hf_common_out, refuse
 from .layers import (ACTIVATIONS, attend, attention_bias, anchored, block_output, keep_topk, linear, memory_read,
                      rms_norm, rope_frequencies, rotate_half)

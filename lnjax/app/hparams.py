@@ -1,0 +1,142 @@
+"""Tuned learning rates, ridge strengths and warm-up lengths: the one place lnjax keeps the tables.
+
+The editors' own defaults live in their factories' signatures (``lnjax.editors``; ``EDITOR_DEFAULTS`` reads them
+from there), ``lnjax.app.presets`` takes its published values from
+``published``, ``lnjax run`` its per-editor values from ``resolve`` and its ``--help`` text from ``help_text``.
+Where the numbers come from is docs/method.md §8.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Optional
+
+from lnjax import editors as _editors
+
+LN_EDITORS = ("ultraedit", "stableedit", "stableedit_algorithm1", "no_normalization", "per_turn_normalization")
+
+
+def _signature_defaults(name: str) -> dict:
+    params = inspect.signature(_editors.REGISTRY[name]).parameters
+    return {"lr": params["lr"].default, "alpha": params["alpha"].default}
+
+
+# The editors' own defaults, read from the factories' signatures (their one home): the published setting for the
+# 7-8B models (lr 1e-6; ridge α = 1 for UltraEdit and its ablations, α = 10 for StableEdit).
+EDITOR_DEFAULTS = {name: _signature_defaults(name) for name in LN_EDITORS}
+
+# Published runs whose learning rate differs from the method's default: (model, method) -> lr.
+PUBLISHED_LR = {("gptj-6b", "stableedit"): 2e-6, ("qwen2.5-7b", "stableedit"): 2e-6}
+# Warm-up turns of the published 20K-edit runs (StableEdit draws them from the training split).
+PUBLISHED_WARMUP_TURNS = {"stableedit": 20, "ultraedit": 0}
+
+# Hyperparameters for the shipped world model edited at its dense down_proj 1-3 (a world-model --model; the default
+# before the fact-memory testbed), from experiments/tune_world.py on seed-1 edits (20 turns of 100):
+# each editor at the learning rate where locality vs the unedited model falls to about 0.67, so the editors are
+# compared at equal damage. On this world none of them writes the edits well: experiments/REPORT.md gives the
+# frontier and the measured reason (the small model's keys have too low an effective dimension).
+WORLD_HPARAMS = {
+    "stableedit": {"lr": 3e-2, "alpha": 10.0},
+    "stableedit_algorithm1": {"lr": 3e-2, "alpha": 10.0},
+    "ultraedit": {"lr": 1e-2, "alpha": 1.0},
+    "no_normalization": {"lr": 3.0, "alpha": 1.0},
+    "per_turn_normalization": {"lr": 1e-2, "alpha": 1.0},
+}
+
+# lnjax run's default testbed (lnjax.world.memory_testbed: the shipped world model with a fact memory at block 3), from
+# experiments/tune_world.py on seed-1 edits (20 turns of 100; REPORT.md §8, "A memory keyed by facts"). A turn's
+# writes reach almost no fact it does not edit there, so there is no damage to compare the editors at: UltraEdit
+# takes the smallest swept lr at which its edits are written (ES ≥ 0.9; 10 writes the same), StableEdit likewise
+# (its whitened values are smaller: ES 0.32 / 0.60 / 0.82 / 0.93 at lr 3 / 10 / 30 / 100), and the ablations
+# UltraEdit's lr — the normalization removed, nothing else changed, as in Fig. 1(a).
+TESTBED_HPARAMS = {
+    "stableedit": {"lr": 100.0, "alpha": 10.0},
+    "stableedit_algorithm1": {"lr": 100.0, "alpha": 10.0},
+    "ultraedit": {"lr": 3.0, "alpha": 1.0},
+    "no_normalization": {"lr": 3.0, "alpha": 1.0},
+    "per_turn_normalization": {"lr": 3.0, "alpha": 1.0},
+}
+# The baselines that run the model (lnjax.app.baselines: FT, MEMIT, AlphaEdit) on the embedded world, where a
+# published value is tied to model scale: the world model's residual stream has norm ~3000 at
+# the edited position, so Adam's per-coordinate v_lr of 0.5 cannot move z in 25 steps (v_lr 20), and it looks
+# facts up at the question mark after the subject (fact_token="prompt_last"). Everything else is published: MEMIT's
+# λ = 15000 (over 2,000 edits it keeps locality 0.85 where λ = 100 destroys the model), AlphaEdit's absolute
+# null-space threshold, FT-M with ε = 5e-5. Measured in experiments/locate_baselines.py (REPORT.md §7).
+MODEL_BASELINES = ("ft", "memit", "alphaedit")
+# The meta-trained hypernetwork editors (lnjax.editors.hypernet): their edit lr and ridge are learned, not set here.
+META_TRAINED = ("rledit", "malmen", "mend", "rledit_no_normalization", "malmen_no_normalization",
+                "mend_no_normalization")
+WORLD_BASELINES = {
+    "ft": {},
+    "memit": {"fact_token": "prompt_last", "v_lr": 20.0},
+    "alphaedit": {"fact_token": "prompt_last", "v_lr": 20.0},
+}
+# MEMIT's z is taken at the last edited block; on the 4-block world model that must not be the last block, whose
+# output at the question mark reaches only the first answer token.
+WORLD_BASELINE_TARGETS = {"memit": ("model.layers.1.mlp.down_proj", "model.layers.2.mlp.down_proj"),
+                          "alphaedit": ("model.layers.1.mlp.down_proj", "model.layers.2.mlp.down_proj")}
+
+
+# lnjax run's defaults on the built-in real models (``lnjax.io.builtin_models``), on their default targets
+# (SmolLM2: down_proj of layers 25-28). UltraEdit at the lr where the released UltraEdit code, one turn of 100
+# city->country edits on these layers, keeps locality ~0.7; StableEdit's whitened keys have the same squared norm
+# (~d_in) as UltraEdit's standardized ones, so the same lr gives the same value-step size. Not tuned for a score.
+# No-LN at lr 3: the raw value step -lr‖k‖²g equals LN's standardized step at lr 1e-3 (measured ratio of the step
+# scales on these layers ≈ 2.8e3, experiments/smollm2_study.py).
+MODEL_HPARAMS = {
+    "smollm2": {
+        "ultraedit": {"lr": 1e-3, "alpha": 1.0},
+        "stableedit": {"lr": 1e-3, "alpha": 10.0},
+        "stableedit_algorithm1": {"lr": 1e-3, "alpha": 10.0},
+        "no_normalization": {"lr": 3.0, "alpha": 1.0},
+        "per_turn_normalization": {"lr": 1e-3, "alpha": 1.0},
+    },
+}
+
+
+def defaults(editor: str) -> dict:
+    """``{"lr", "alpha"}`` an editor factory uses when not given (ValueError for an unknown editor)."""
+    if editor not in EDITOR_DEFAULTS:
+        raise ValueError(f"unknown editor {editor!r}; known: {sorted(EDITOR_DEFAULTS)}")
+    return dict(EDITOR_DEFAULTS[editor])
+
+
+def published(model: str, method: str) -> tuple[float, float, int]:
+    """``(lr, alpha, warmup_turns)`` of the published ``method`` run on ``model``."""
+    base = defaults(method)
+    return PUBLISHED_LR.get((model, method), base["lr"]), base["alpha"], PUBLISHED_WARMUP_TURNS.get(method, 0)
+
+
+def uses_warmup(editor: str) -> bool:
+    """Whether ``editor`` is a StableEdit variant (the methods with warm-up turns)."""
+    return editor.startswith("stableedit")
+
+
+def resolve(editor: str, *, dataset: str, turns: int, lr: Optional[float] = None, alpha: Optional[float] = None,
+            warmup_turns: Optional[int] = None, model: Optional[str] = None) -> dict:
+    """What a run of ``editor`` uses: ``lr`` and ``alpha`` (the given value, else on the ``"world"`` dataset the
+    value tuned for the default testbed (``model`` None, ``TESTBED_HPARAMS``) or for a world-model directory
+    (``WORLD_HPARAMS``), else the built-in ``model``'s (``MODEL_HPARAMS``), else the editor's default) and
+    ``warmup_turns`` (the given value, else ``turns // 10`` (at least 1) for StableEdit editors and 0 for the
+    others). For the model-running baselines and the meta-trained editors ``lr`` and ``alpha`` stay as given
+    (None: the editor's own settings; only FT takes an ``lr``; the hypernetworks learn theirs)."""
+    if editor in MODEL_BASELINES or editor in META_TRAINED:
+        return {"lr": lr, "alpha": alpha, "warmup_turns": warmup_turns or 0}
+    if dataset == "world":
+        tuned = TESTBED_HPARAMS if model is None else WORLD_HPARAMS
+    else:
+        tuned = MODEL_HPARAMS.get(model or "", {})
+    base = {**defaults(editor), **tuned.get(editor, {})}
+    warm = warmup_turns if warmup_turns is not None else (max(1, turns // 10) if uses_warmup(editor) else 0)
+    return {"lr": base["lr"] if lr is None else lr, "alpha": base["alpha"] if alpha is None else alpha,
+            "warmup_turns": warm}
+
+
+def help_text(field: str) -> str:
+    """The ``lnjax run --help`` text of ``--lr`` or ``--alpha``: the per-editor defaults, from the tables above."""
+    testbed = ", ".join(f"{k} {v[field]:g}" for k, v in TESTBED_HPARAMS.items())
+    world = ", ".join(f"{k} {v[field]:g}" for k, v in WORLD_HPARAMS.items())
+    own = ", ".join(f"{k} {v[field]:g}" for k, v in EDITOR_DEFAULTS.items())
+    what = "editor learning rate" if field == "lr" else "ridge strength"
+    return (f"{what} (default per editor; on the default testbed: {testbed}; on a world-model --model: {world}; "
+            f"otherwise: {own})")

@@ -1,0 +1,176 @@
+"""Fine-tuning baseline (FT-M / FT-L, constrained or not) as a sequential, jittable ``Editor``
+(the MEMIT-repository FT-L and EasyEdit's FT-M, as their released code runs them; docs/method.md §14).
+
+One turn: a fresh Adam(``lr``, L2 ``weight_decay`` added to the gradient, as torch's Adam) over the edited kernels
+only, started from the turn's weights ``W_turn``; ``num_steps`` epochs over the turn's edits in chunks of
+``batch_size``; a chunk whose loss is below ``stop_loss`` (1e-2) takes no step; after every chunk each kernel is
+clamped into the L∞ box ``[W_turn − ε, W_turn + ε]`` (``norm_constraint = ε``; None: no box); the epochs stop
+once an epoch's mean chunk loss is below ``stop_loss``. The shift is ``W − W_turn``. The box is re-centred at
+every turn, as in the reference, so drift over T turns is bounded only by ``T·ε``.
+
+Objectives (``objective``):
+- ``"target_new"`` (FT-M, default): teacher-forced cross-entropy over the answer tokens, mean per edit, then over
+  the chunk's edits;
+- ``"prompt_last"`` (FT-L): the log-probabilities of *all* answer tokens gathered from the single distribution
+  at the last prompt position, summed and divided by the number of answer tokens, mean over the chunk's edits.
+  (The reference also counts right-padding tokens of a batched target in this loss; lnjax does not.)
+Defaults are the recommended UltraEdit-setting baseline: FT-M, lr 5e-4, 25 steps, ε = 5e-5, chunks of 10.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Callable, Mapping, Optional
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import struct
+
+from lnjax.core.protocol import EditCounters, Editor
+from lnjax.models import get_module, with_module_leaf
+from lnjax.core.turns import IGNORE, TurnBatch
+from lnjax.models.probe import token_log_likelihood
+
+OBJECTIVES = ("target_new", "prompt_last")
+
+
+@struct.dataclass
+class FTState(EditCounters):
+    """FT's state: the counters, ``targets`` as ``(name, d_in, d_out)``, and the last turn's ``loss`` [2] (mean
+    chunk loss of the first and of the last epoch run) and ``epochs`` run."""
+
+    loss: jax.Array
+    epochs: jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class FTConfig:
+    """FT hyperparameters (see the module docstring)."""
+
+    lr: float = 5e-4
+    num_steps: int = 25
+    norm_constraint: Optional[float] = 5e-5
+    batch_size: int = 10
+    weight_decay: float = 0.0
+    objective: str = "target_new"
+    stop_loss: float = 1e-2
+
+    def __post_init__(self):
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"objective must be one of {OBJECTIVES}, got {self.objective!r}")
+        if self.num_steps < 1 or self.batch_size < 1:
+            raise ValueError(f"num_steps and batch_size must be >= 1, got {self.num_steps}, {self.batch_size}")
+        if self.norm_constraint is not None and self.norm_constraint < 0:
+            raise ValueError(f"norm_constraint must be >= 0 or None, got {self.norm_constraint}")
+
+
+def edit_losses(logits: jax.Array, labels: jax.Array, objective: str) -> tuple[jax.Array, jax.Array]:
+    """Per-edit loss [B] and whether the edit has answer tokens [B], for logits [B, L, V] and labels [B, L]
+    (aligned with logits, ``-100`` off the answer)."""
+    ce, sup = token_log_likelihood(logits, labels)
+    n = jnp.sum(sup, axis=1)
+    if objective == "target_new":
+        return jnp.sum(ce, axis=1) / jnp.maximum(n, 1), n > 0
+    # FT-L: every answer token scored at the last prompt position (the first supervised one).
+    first = jnp.argmax(sup, axis=1)
+    logp = jax.nn.log_softmax(logits[jnp.arange(logits.shape[0]), first].astype(jnp.float32), axis=-1)
+    picked = jnp.take_along_axis(logp, jnp.where(sup, labels, 0), axis=1)
+    return -jnp.sum(jnp.where(sup, picked, 0.0), axis=1) / jnp.maximum(n, 1), n > 0
+
+
+def _ft_init(shapes: Mapping[str, tuple[int, int]]) -> FTState:
+    """FT's ``init``: zero counters and losses for ``shapes`` {target: (d_in, d_out)}, in the given order."""
+    targets = []
+    for name, shape in shapes.items():
+        if len(shape) != 2 or min(shape) <= 0:
+            raise ValueError(f"target {name!r}: shape must be (d_in, d_out) with positive sizes, got {shape}")
+        targets.append((name, int(shape[0]), int(shape[1])))
+    return FTState(loss=jnp.zeros((2,), jnp.float32), epochs=jnp.zeros((), jnp.int32),
+                   turns=jnp.zeros((), jnp.int32), rejected=jnp.zeros((), jnp.int32), targets=tuple(targets))
+
+
+def _chunk_edits(edit: TurnBatch, batch_size: int) -> tuple[int, jax.Array, jax.Array, jax.Array]:
+    """The turn's edits [E, L] cut into ``n_chunks = ceil(E / batch_size)`` chunks: returns ``n_chunks`` and
+    ``input_ids``, ``attention_mask``, ``labels`` as [n_chunks, batch_size, L]."""
+    E, L = edit.input_ids.shape
+    n_chunks = math.ceil(E / batch_size)
+    pad = n_chunks * batch_size - E
+
+    # Padding rows are all IGNORE labels, so they add nothing to a chunk's loss (fixed shapes for fori_loop).
+    def chunked(a, fill):
+        a = jnp.concatenate([a, jnp.full((pad, L), fill, a.dtype)]) if pad else a
+        return a.reshape(n_chunks, batch_size, L)
+
+    return n_chunks, chunked(edit.input_ids, 0), chunked(edit.attention_mask, 0), chunked(edit.labels, IGNORE)
+
+
+def ft_editor(apply: Callable, cfg: FTConfig) -> Editor:
+    """An FT ``Editor`` over the pure ``apply``; needs the turn's ``params`` and ``turn`` (``turn.edit`` [E, L])."""
+    opt = optax.chain(optax.add_decayed_weights(cfg.weight_decay), optax.adam(cfg.lr)) if cfg.weight_decay \
+        else optax.adam(cfg.lr)
+
+    init = _ft_init
+
+    def update(features: Any, state: FTState, *, warmup=False, params=None, turn=None):
+        if params is None or turn is None:
+            raise ValueError("ft needs the turn's params and turn (Editor.needs)")
+        names = state.target_names()
+        edit: TurnBatch = turn.edit
+        n_chunks, ids, attn, labels = _chunk_edits(edit, cfg.batch_size)
+        real_chunks = jnp.maximum(jnp.sum(jnp.any(labels != IGNORE, axis=(1, 2))), 1)
+        start = {n: get_module(params, n)["kernel"] for n in names}
+        start32 = {n: k.astype(jnp.float32) for n, k in start.items()}
+
+        def chunk_loss(w, c):
+            p = params
+            for n in names:
+                p = with_module_leaf(p, n, "kernel", w[n].astype(start[n].dtype))
+            per_edit, real = edit_losses(apply(p, ids[c], attn[c]), labels[c], cfg.objective)
+            return jnp.sum(jnp.where(real, per_edit, 0.0)) / jnp.maximum(jnp.sum(real), 1)
+
+        grad = jax.value_and_grad(chunk_loss)
+
+        def chunk_step(c, carry):
+            w, opt_state, total = carry
+            loss, g = grad(w, c)
+            upd, new_opt = opt.update(g, opt_state, w)
+            stepped = optax.apply_updates(w, upd)
+            if cfg.norm_constraint is not None:
+                eps = cfg.norm_constraint
+                stepped = {n: jnp.clip(stepped[n], start32[n] - eps, start32[n] + eps) for n in names}
+            take = loss >= cfg.stop_loss
+            w = jax.tree_util.tree_map(lambda a, b: jnp.where(take, a, b), stepped, w)
+            opt_state = jax.tree_util.tree_map(lambda a, b: jnp.where(take, a, b), new_opt, opt_state)
+            return w, opt_state, total + loss
+
+        def epoch(carry):
+            w, opt_state, epochs, first, last = carry
+            w, opt_state, total = jax.lax.fori_loop(0, n_chunks, chunk_step, (w, opt_state, jnp.zeros(())))
+            mean = total / real_chunks
+            return w, opt_state, epochs + 1, jnp.where(epochs == 0, mean, first), mean
+
+        def more(carry):
+            _, _, epochs, _, last = carry
+            return (epochs < cfg.num_steps) & ((epochs == 0) | (last >= cfg.stop_loss))
+
+        w0 = dict(start32)
+        w, _, epochs, first, last = jax.lax.while_loop(
+            more, epoch, (w0, opt.init(w0), jnp.zeros((), jnp.int32), jnp.zeros(()), jnp.zeros(())))
+        deltas = {n: w[n] - start32[n] for n in names}
+        finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(d)) for d in deltas.values()]))
+        deltas = {n: jnp.where(finite, d, 0.0) for n, d in deltas.items()}
+        return deltas, state.replace(loss=jnp.stack([first, last]), epochs=epochs,
+                                     turns=state.turns + finite.astype(jnp.int32),
+                                     rejected=state.rejected + (~finite).astype(jnp.int32))
+
+    return Editor(init=init, update=update, config=cfg, needs=frozenset({"params", "turn"}))
+
+
+def ft(apply: Callable, *, lr: float = 5e-4, num_steps: int = 25, norm_constraint: Optional[float] = 5e-5,
+       batch_size: int = 10, weight_decay: float = 0.0, objective: str = "target_new") -> Editor:
+    """Fine-tuning baseline: FT-M (``objective="target_new"``, default) or FT-L (``"prompt_last"``);
+    ``norm_constraint=None`` for unconstrained FT. See the module docstring."""
+    return ft_editor(apply, FTConfig(lr=lr, num_steps=num_steps, norm_constraint=norm_constraint,
+                                     batch_size=batch_size, weight_decay=weight_decay, objective=objective))

@@ -1,0 +1,139 @@
+"""Features of one turn from any pure ``apply(params, input_ids, attention_mask) -> logits``.
+
+A zero "probe" is added to each target module's output and ``jax.grad`` is taken with respect to the probes only
+(no parameter gradients): that gradient is the value gradient dLoss/d(module output). The module's input (the
+key) is captured on the way. Targets are found by HF module path; the model must apply their kernels as
+``x @ params[...]["kernel"]`` (as ``lnjax.models.linear`` does), which is where the ``Tap`` stands in.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+
+from lnjax.core.turns import IGNORE, TurnBatch  # noqa: F401  (TurnBatch re-exported: lnjax.models.probe.TurnBatch)
+from lnjax.core.features import Features
+from lnjax.models import get_module, with_module_leaf
+
+
+class Tap:
+    """Stands in for an edited kernel during the probe: records the input ``x`` of ``x @ kernel`` and returns
+    ``x @ kernel + probe``."""
+
+    def __init__(self, kernel: jax.Array, probe: jax.Array, sink: dict, name: str):
+        self.kernel, self.probe, self.sink, self.name = kernel, probe, sink, name
+
+    @property
+    def shape(self):
+        return self.kernel.shape
+
+    @property
+    def dtype(self):
+        return self.kernel.dtype
+
+    def __rmatmul__(self, x: jax.Array) -> jax.Array:
+        if self.name in self.sink:
+            raise ValueError(f"target {self.name!r} is applied more than once per forward pass; "
+                             "lnjax.models.probe supports modules used once")
+        self.sink[self.name] = x
+        out = x @ self.kernel
+        if out.shape != self.probe.shape:
+            raise ValueError(f"target {self.name!r}: output shape {out.shape} differs from the probe's "
+                             f"{self.probe.shape} (is the module applied to [B, L, d_in] inputs?)")
+        return out + self.probe.astype(out.dtype)
+
+
+def token_log_likelihood(logits: jax.Array, labels: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Per-position cross-entropy [B, L] (0 where unsupervised) and the supervision mask [B, L]."""
+    sup = labels != IGNORE
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    picked = jnp.take_along_axis(logp, jnp.where(sup, labels, 0)[..., None], axis=-1)[..., 0]
+    return jnp.where(sup, -picked, 0.0), sup
+
+
+def minibatch_weights(labels: jax.Array, minibatch_size: int) -> tuple[jax.Array, jax.Array, int]:
+    """Loss weights [E, L] making ``sum(weights * ce)`` the sum over mini-batches of their mean token CE,
+    the mini-batch id of each edit [E], and the number of mini-batches."""
+    E = labels.shape[0]
+    sup = labels != IGNORE
+    num = math.ceil(E / minibatch_size)
+    seg = jnp.arange(E) // minibatch_size
+    counts = jax.ops.segment_sum(jnp.sum(sup, axis=1).astype(jnp.float32), seg, num)
+    weights = sup / jnp.maximum(counts[seg], 1.0)[:, None]
+    return weights, seg, num
+
+
+POSITIONS = ("answer", "all")
+
+
+def turn_features(apply: Callable, params, targets: Sequence[str], batch: TurnBatch, *,
+                  minibatch_size: int = 10, max_rows: Optional[int] = None, positions: str = "answer"):
+    """One turn's features for every target, all on the pre-turn model ``params``.
+
+    ``batch`` holds one turn, arrays [E, L]. Rows are the supervised positions in (edit, position) order,
+    gathered into ``max_rows`` fixed slots (default ``E * L``; masked padding after the real rows). The loss is
+    the mean token cross-entropy of each mini-batch of ``minibatch_size`` edits; one backward pass over the
+    whole turn gives exactly each mini-batch's own value gradients, because mini-batches share no position.
+
+    ``positions="all"`` takes a row at every attended position instead of the supervised ones (the loss is the
+    same answer-position CE): MEND's ``token: all``.
+
+    Returns ``(features: name -> Features, loss: mean over mini-batches, n_rows: real rows)``. When
+    ``n_rows > max_rows`` the extra rows are dropped: callers must size ``max_rows`` (``edit_sequence`` does
+    and checks).
+    """
+    ids, attn, labels = batch.input_ids, batch.attention_mask, batch.labels
+    E, L = ids.shape
+    max_rows = E * L if max_rows is None else int(max_rows)
+    weights, seg_of_edit, num_seg = minibatch_weights(labels, minibatch_size)
+    modules = {name: get_module(params, name) for name in targets}
+    probes = {}
+    for name, mod in modules.items():
+        if "kernel" not in mod:
+            raise ValueError(f"target {name!r} has no 'kernel' (found {sorted(mod)})")
+        probes[name] = jnp.zeros((E, L, mod["kernel"].shape[1]), jnp.float32)
+
+    def loss_fn(probes):
+        sink: dict = {}
+        tapped = params
+        for name, mod in modules.items():
+            tapped = with_module_leaf(tapped, name, "kernel", Tap(mod["kernel"], probes[name], sink, name))
+        ce, _ = token_log_likelihood(apply(tapped, ids, attn), labels)
+        missing = [n for n in targets if n not in sink]
+        if missing:
+            raise ValueError(f"target(s) {missing} were never applied with `x @ kernel` by the model")
+        return jnp.sum(ce * weights), sink
+
+    (total, inputs), grads = jax.value_and_grad(loss_fn, has_aux=True)(probes)
+    if positions not in POSITIONS:
+        raise ValueError(f"positions must be one of {POSITIONS}, got {positions!r}")
+    sel = (labels != IGNORE) if positions == "answer" else (attn != 0)
+    sel = sel.reshape(-1)
+    (idx,) = jnp.nonzero(sel, size=max_rows, fill_value=0)
+    n_rows = jnp.sum(sel)
+    row_mask = jnp.arange(max_rows) < n_rows
+    segment = seg_of_edit[idx // L].astype(jnp.int32)
+    feats = {}
+    for name in targets:
+        k = inputs[name].reshape(E * L, -1)[idx].astype(jnp.float32)
+        g = grads[name].reshape(E * L, -1)[idx].astype(jnp.float32)
+        feats[name] = Features(keys=k, value_grads=g, mask=row_mask, segment=segment, num_segments=num_seg)
+    return feats, total / used_minibatches(labels, seg_of_edit, num_seg), n_rows
+
+
+def used_minibatches(labels: jax.Array, seg_of_edit: jax.Array, num_seg: int) -> jax.Array:
+    """How many of the turn's mini-batches have any supervised position (at least 1, float32)."""
+    used = jax.ops.segment_max(jnp.any(labels != IGNORE, axis=1).astype(jnp.float32), seg_of_edit, num_seg)
+    return jnp.maximum(jnp.sum(jnp.maximum(used, 0.0)), 1.0)
+
+
+def turn_loss(apply: Callable, params, batch: TurnBatch, *, minibatch_size: int = 10) -> tuple[jax.Array, jax.Array]:
+    """The loss ``turn_features`` reports (mean over mini-batches of their mean token cross-entropy) and the
+    number of supervised positions, from one forward pass without gradients; for editors that take no
+    features (docs/method.md §7)."""
+    weights, seg_of_edit, num_seg = minibatch_weights(batch.labels, minibatch_size)
+    ce, sup = token_log_likelihood(apply(params, batch.input_ids, batch.attention_mask), batch.labels)
+    return jnp.sum(ce * weights) / used_minibatches(batch.labels, seg_of_edit, num_seg), jnp.sum(sup)
