@@ -21,14 +21,13 @@ import time
 
 import numpy as np  # noqa: E402
 
-from lnjax import data  # noqa: E402
 from lnjax import editors
 from lnjax import eval as ev
 from lnjax.world import world_model
 from lnjax.app.plots import pyplot  # noqa: E402
-from lnjax.core.turns import pack_turns  # noqa: E402
 from lnjax.app.hparams import WORLD_HPARAMS  # noqa: E402
 from lnjax.engine.sequence import Evaluation, edit_sequence  # noqa: E402
+from lnjax.eval.prepare import prepare_edits  # noqa: E402
 from lnjax.world import default_world  # noqa: E402
 
 
@@ -53,12 +52,10 @@ def main(argv=None):
     os.makedirs(args.out, exist_ok=True)
     world = default_world()
     model = world_model.default_model()
-    tok = world.tokenizer()
     rows, fact_id = world.edit_stream(args.edits, seed=args.seed)
-    recs = data.tokenize(data.records_from_dicts("zsre", rows, "world:stream"), tok)
-    batches, _ = pack_turns([r.edit for r in recs], args.edits_per_turn)
-    loc_set = ev.build_eval_set(recs[:1000])
-    base_loc = ev.base_predictions(model.apply, model.params, loc_set)
+    # locality on 1,000 fixed prompts (the first records'); efficacy at each milestone on subsets of ``recs``
+    job = prepare_edits(rows, world.tokenizer(), model, edits_per_turn=args.edits_per_turn, eval_records=slice(1000))
+    recs, batches, loc_set, base_loc = job.records, job.turns, job.eval_set, job.base_loc
     milestones = sorted(int(m) for m in args.milestones.split(",") if int(m) <= args.edits)
     report = {"edits": args.edits, "edits_per_turn": args.edits_per_turn, "pool_facts": len(world.all_facts("edit")),
               "editors": {}}

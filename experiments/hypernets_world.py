@@ -1,5 +1,5 @@
 """RLEdit and MALMEN with and without lifelong normalization on the embedded world (Fig. 1a for the hypernetwork
-editors): each editor is meta-trained on the world's training split (cached in ``runs/hypernets``), then edits
+editors): each editor is meta-trained on the world's training split (cached under ``hypernets/`` in the lnjax cache), then edits
 ``--turns`` turns of 100 sequential edits; prints and writes the ES/GS/LS table.
 
     python experiments/hypernets_world.py                       # world-scaled initial lr 1e-2, meta_lr 1e-5

@@ -23,9 +23,9 @@ import numpy as np
 
 import lnjax as lx  # noqa: E402
 from key_geometry import supervised_keys, supervised_logits  # noqa: E402
-from lnjax import data  # noqa: E402
+from lnjax.core.cpu_threads import limit_lapack_threads_on_cpu  # noqa: E402
 from lnjax.world import world_model
-from lnjax.core.turns import pack_turns  # noqa: E402
+from lnjax.eval.prepare import prepare_edits  # noqa: E402
 from lnjax.models import Model  # noqa: E402
 from lnjax.world import default_world  # noqa: E402
 
@@ -80,17 +80,16 @@ def main(argv=None):
     ap.add_argument("--n-loc", type=int, default=1200)
     ap.add_argument("--out", default="runs/leak_by_answer")
     args = ap.parse_args(argv)
-    lx.core.cpu_threads.limit_lapack_threads_on_cpu(1)
+    limit_lapack_threads_on_cpu(1)
     world = default_world()
     tok = world.tokenizer()
     model = world_model.load(args.model) if args.model else world_model.default_model()
     targets = tuple(args.targets.split(",")) if args.targets else world_model.DEFAULT_TARGETS
     n = args.turns * args.edits_per_turn
     raw = world.records("edit", n, seed=args.seed)
-    recs = data.tokenize(data.records_from_dicts("zsre", raw, "world"), tok)
-    batches, _ = pack_turns([r.edit for r in recs], args.edits_per_turn)
+    job = prepare_edits(raw, tok, edits_per_turn=args.edits_per_turn, eval_records=None)  # kept facts: below
     editor = lx.editors.get(args.editor, lr=args.lr)
-    result = lx.edit_sequence(model, editor, batches, targets, progress=True)
+    result = lx.edit_sequence(model, editor, job.turns, targets, progress=True)
     kept = world.all_facts("locality")
     kept = kept[np.random.default_rng(args.seed).permutation(len(kept))[:args.n_loc]]
     pairs = [(tok.encode(world.prompt(s, r, 0)), tok.encode(" " + world.answer(s, r), False)) for s, r in kept]
@@ -111,7 +110,7 @@ def main(argv=None):
            "by_exposure_as_new_target": flips_by_exposure(before, after, as_target)}
     memories = [t for t in targets if ".memory." in t]
     if memories:  # a sparse code: how many edit rows wrote into the slots a kept fact reads
-        shared = slot_sharing(model, memories[0], pairs, [r.edit for r in recs])
+        shared = slot_sharing(model, memories[0], pairs, [r.edit for r in job.records])
         out["by_slot_sharing"] = flips_by_exposure(before, after, shared, SHARING_BUCKETS)
         out["slot_sharing_percentiles"] = dict(zip(("10", "50", "90"), np.percentile(shared, (10, 50, 90)).tolist()))
     os.makedirs(args.out, exist_ok=True)

@@ -2,10 +2,9 @@
 
     python experiments/locate_baselines.py --turns 20 --edits-per-turn 100 --out experiments/results/locate_baselines
 
-The same edits as ``lnjax run`` on the world (``World.records("edit", n, seed)``, turns packed by ``pack_turns``),
-evaluated with ``lnjax.eval`` against the unedited model. Each turn is one jitted ``editor.update`` with the
-turn's parameters and arrays (what ``edit_sequence`` passes by the editor's ``needs``), driven here turn by turn
-so that each turn is timed. Writes ``results.json`` in ``--out``.
+The same edits as ``lnjax run`` on the world (``World.records("edit", n, seed)``, prepared by
+``lnjax.eval.prepare.prepare_edits``), run by ``edit_sequence`` one turn per chunk so that each turn is timed, and
+evaluated with ``lnjax.eval`` against the unedited model. Writes ``results.json`` in ``--out``.
 """
 
 from __future__ import annotations
@@ -16,15 +15,13 @@ import os
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
-from lnjax.app import baselines
-from lnjax import data
+from lnjax.app import baselines, hparams
 from lnjax import eval as eval_lib
 from lnjax.world import world_model
-from lnjax.core.turns import EditTurn, pack_turns
-from lnjax.models import get_module, with_module_leaf
+from lnjax.engine.sequence import edit_sequence
+from lnjax.eval.prepare import prepare_edits
 from lnjax.world import default_world
 
 
@@ -40,43 +37,21 @@ def main(argv=None):
     extra = json.loads(args.options)
 
     model, world = world_model.default_model(), default_world()
-    tok = world.tokenizer()
-    n = args.turns * args.edits_per_turn
-    records = data.records_from_dicts("zsre", world.records("edit", n, seed=args.seed), "world:edit")
-    tokenized = data.tokenize(records, tok)
-    length = max(len(p) + len(a) - 1 for r in tokenized for p, a in [r.edit])
-    batches, order = pack_turns([r.edit for r in tokenized], args.edits_per_turn, length)
-    subject_last = np.where(order >= 0, np.array([tokenized[i].subject_last for i in order.reshape(-1)])
-                            .reshape(order.shape), -1).astype(np.int32)
-    eval_set = eval_lib.build_eval_set(tokenized)
-    base_loc = eval_lib.base_predictions(model.apply, model.params, eval_set)
+    job = prepare_edits(world.records("edit", args.turns * args.edits_per_turn, seed=args.seed), world.tokenizer(),
+                        model, edits_per_turn=args.edits_per_turn, n_turns=args.turns)
+    eval_set, base_loc = job.eval_set, job.base_loc
     protocols = ("teacher_forced", "locality_vs_unedited")
     results = {"unedited": eval_lib.evaluate(model.apply, model.params, eval_set, base_loc, protocols),
                "editors": {}, "config": vars(args)}
     print("unedited", results["unedited"], flush=True)
     for name in args.editors.split(","):
-        targets = baselines.WORLD_TARGETS.get(name, world_model.DEFAULT_TARGETS)
-        options = {**baselines.WORLD_HPARAMS[name], **extra.get(name, {})}
-        editor, meta = baselines.make_editor(name, model, targets, world=world, options=options)
-        shapes = {t: tuple(get_module(model.params, t)["kernel"].shape) for t in targets}
-        state = editor.init(shapes)
-
-        @jax.jit
-        def turn_fn(params, state, edit, subject_last):
-            turn = EditTurn(edit=edit, subject_last=subject_last)
-            deltas, state = editor.update(None, state, params=params, turn=turn)
-            for t in targets:
-                kernel = get_module(params, t)["kernel"]
-                params = with_module_leaf(params, t, "kernel", kernel + deltas[t].astype(kernel.dtype))
-            return params, state
-
-        params, times = model.params, []
-        for i in range(args.turns):
-            edit = jax.tree_util.tree_map(lambda a: jnp.asarray(a[i]), batches)
-            t0 = time.time()
-            params, state = turn_fn(params, state, edit, jnp.asarray(subject_last[i]))
-            jax.block_until_ready(params)
-            times.append(time.time() - t0)
+        editor, targets, meta = baselines.for_run(name, model, world_model.DEFAULT_TARGETS, dataset="world",
+                                                  explicit_targets=False, options=extra.get(name))
+        options = {**hparams.MODEL_BASELINE_WORLD_HPARAMS[name], **extra.get(name, {})}
+        stamps = [time.time()]  # one chunk per turn, so that each turn is timed
+        res = edit_sequence(model, editor, job.edit_turns(), targets, chunk=1, progress=False,
+                            callback=lambda done, carry, diag: stamps.append(time.time()))
+        params, state, times = res.params, res.editor_state, np.diff(stamps).tolist()
         metrics = eval_lib.evaluate(model.apply, params, eval_set, base_loc, protocols)
         metrics.update(meta)
         metrics.update({"targets": list(targets), "options": options, "rejected_turns": int(state.rejected),

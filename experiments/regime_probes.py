@@ -22,36 +22,38 @@ import json
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
 from lnjax import data  # noqa: E402
 from lnjax.core import ln
 from lnjax.world import world_model
 from lnjax import eval as eval_lib  # noqa: E402
-from lnjax.core.turns import IGNORE, pack, pack_turns  # noqa: E402
+from lnjax.core.turns import IGNORE, pack  # noqa: E402
 from lnjax.engine import frozen_and_kernels, join  # noqa: E402
 from lnjax.models import get_module, with_module_leaf  # noqa: E402
-from lnjax.models.probe import Tap, minibatch_weights, token_log_likelihood, turn_features  # noqa: E402
+from lnjax.editors import key_stats  # noqa: E402
+from lnjax.eval.prepare import prepare_edits  # noqa: E402
+from lnjax.models.probe import Tap, minibatch_weights, token_log_likelihood  # noqa: E402
 from lnjax.core.solve import ridge_shift  # noqa: E402
 from lnjax.world import default_world  # noqa: E402
 
 
 def corpus_metric(model, targets, tok, world, prior):
-    """Per target, ``E[kkᵀ] + prior·mean(diag)·I`` over the keys of 1,000 training-split facts (edit prompt and
-    paraphrase), float32 (d_in, d_in)."""
+    """Per target, ``E[kkᵀ] + prior·mean(diag)·I`` (the form of ``lnjax.editors.key_metric``) over the keys at the
+    answer positions of 1,000 training-split facts (edit prompt and paraphrase), float32 (d_in, d_in); the second
+    moment accumulated by ``lnjax.editors.key_stats``."""
     recs = data.tokenize(data.records_from_dicts("zsre", world.records("train", 1000, seed=2), "corpus"), tok)
     pairs = [r.edit for r in recs] + [r.paraphrase for r in recs]
-    keys = {t: [] for t in targets}
+    stats = {t: key_stats.init(get_module(model.params, t)["kernel"].shape[0]) for t in targets}
     for s in range(0, len(pairs), 500):
-        feats, _, n = turn_features(model.apply, model.params, targets, pack(pairs[s:s + 500]))
-        for t in targets:
-            keys[t].append(np.asarray(feats[t].keys[:int(n)], np.float64))
+        batch = pack(pairs[s:s + 500])
+        inputs = key_stats.module_inputs(model.apply, model.params, targets, batch.input_ids, batch.attention_mask)
+        sup = jnp.asarray(batch.labels != IGNORE).reshape(-1)
+        stats = {t: key_stats.accumulate(stats[t], inputs[t].reshape(sup.shape[0], -1), sup) for t in targets}
     out = {}
     for t in targets:
-        k = np.concatenate(keys[t])
-        m = k.T @ k / len(k)
-        out[t] = jnp.asarray(m + prior * np.trace(m) / len(m) * np.eye(len(m)), jnp.float32)
+        m = stats[t].moment()
+        out[t] = m + prior * jnp.mean(jnp.diag(m)) * jnp.eye(len(m), dtype=jnp.float32)
     return out
 
 
@@ -73,8 +75,8 @@ def main(argv=None):
     world, apply = default_world(), model.apply
     tok = world.tokenizer()
     targets = [f"model.layers.{i}.mlp.down_proj" for i in args.layers.split(",")]
-    recs = data.tokenize(data.records_from_dicts("zsre", world.records("edit", args.edits, seed=1), "edits"), tok)
-    batch = jax.tree_util.tree_map(lambda a: jnp.asarray(a[0]), pack_turns([r.edit for r in recs], args.edits)[0])
+    job = prepare_edits(world.records("edit", args.edits, seed=1), tok, model, edits_per_turn=args.edits)
+    batch = jax.tree_util.tree_map(lambda a: jnp.asarray(a[0]), job.turns)  # the one turn [E, L]
     frozen, kernels = frozen_and_kernels(model.params, targets)
     metric = corpus_metric(model, targets, tok, world, args.prior) if args.metric == "corpus" else {}
     weights, _, _ = minibatch_weights(batch.labels, 10)
@@ -112,7 +114,7 @@ def main(argv=None):
                 for t in targets:
                     d_in = kernels[t].shape[0]
                     z = ln.standardize(stats[t], jnp.concatenate([keys[t], g[t]], -1))
-                    v = -args.lr * jnp.sum(z[..., :d_in] ** 2, -1, keepdims=True) * z[..., d_in:]
+                    v = ln.value_step(z[..., :d_in], z[..., d_in:], args.lr)  # UltraEdit's formula
                     new[t] = values[t] + jnp.where(sup[..., None], v, 0.0)
                 values = new
         shifted = {t: kernels[t] + ridge_shift(keys[t].reshape(E * L, -1), values[t].reshape(E * L, -1),
@@ -123,9 +125,8 @@ def main(argv=None):
         return shifted, loss0, loss(values)[0], row_norm
 
     shifted, loss0, loss1, row_norm = turn()
-    es = eval_lib.build_eval_set(recs)
-    base = eval_lib.base_predictions(apply, model.params, es)
-    m = eval_lib.evaluate(apply, join(frozen, shifted), es, base, ("teacher_forced", "locality_vs_unedited"))
+    m = eval_lib.evaluate(apply, join(frozen, shifted), job.eval_set, job.base_loc,
+                          ("teacher_forced", "locality_vs_unedited"))
     print(json.dumps({**vars(args), **m["teacher_forced"], "locality_vs_unedited": m["locality_vs_unedited"],
                       "target_loss_before": float(loss0), "target_loss_after_values": float(loss1),
                       "mean_value_row_norm": float(row_norm)}))

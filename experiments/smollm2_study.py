@@ -25,11 +25,11 @@ import numpy as np  # noqa: E402
 
 import lnjax as lx  # noqa: E402
 from lnjax.io import builtin_models  # noqa: E402
-from lnjax import data
 from lnjax import eval as eval_lib
 from lnjax.data import facts
 from lnjax.eval import knowledge as knowledge_lib
-from lnjax.core.turns import pack, pack_turns  # noqa: E402
+from lnjax.core.turns import pack  # noqa: E402
+from lnjax.eval.prepare import prepare_edits  # noqa: E402
 from lnjax.models.probe import turn_features  # noqa: E402
 from lnjax.app.hparams import uses_warmup  # noqa: E402
 
@@ -58,15 +58,11 @@ def feature_scales(model, targets, batch):
 
 def frontier(model, tok, args):
     targets = tuple(args.targets.split(",")) if args.targets else builtin_models.BUILTIN["smollm2"].default_targets
-    recs = data.tokenize(facts.edit_records("edit", args.edits, seed=args.seed), tok)
-    warm_recs = data.tokenize(facts.edit_records("train", args.edits, seed=args.seed), tok)
-    length = max(len(p) + len(a) - 1 for r in recs + warm_recs for p, a in [r.edit])
-    batches, _ = pack_turns([r.edit for r in recs], args.edits, length)
-    warm, _ = pack_turns([r.edit for r in warm_recs], args.edits, length)
-    es = eval_lib.build_eval_set(recs)
-    base = eval_lib.base_predictions(model.apply, model.params, es)
+    job = prepare_edits(facts.edit_records("edit", args.edits, seed=args.seed), tok, model, edits_per_turn=args.edits,
+                        warmup_records=facts.edit_records("train", args.edits, seed=args.seed))
+    batches, warm, es, base = job.turns, job.warmup_turns(), job.eval_set, job.base_loc
     out = {"targets": list(targets), "edits": args.edits, "scales": feature_scales(model, targets,
-                                                                                 [r.edit for r in recs]),
+                                                                                 [r.edit for r in job.records]),
            "unedited": eval_lib.evaluate(model.apply, model.params, es, base, ("teacher_forced",
                                                                                "locality_vs_unedited")),
            "rows": []}

@@ -21,17 +21,15 @@ import time
 
 import numpy as np  # noqa: E402
 
-from lnjax import data  # noqa: E402
 from lnjax import editors
 from lnjax import eval as ev
 from lnjax.world import world_model
-from lnjax.core.turns import pack_turns  # noqa: E402
 from lnjax.app.plots import plot_update_curves, pyplot, update_curves  # noqa: E402
-from lnjax.core.turns import probe_length  # noqa: E402
 from lnjax.app.hparams import META_TRAINED, WORLD_HPARAMS  # noqa: E402
 from lnjax.app.report import format_table, write_config_and_results  # noqa: E402
 from lnjax.app.run import RunConfig, editor_settings, run  # noqa: E402
 from lnjax.engine.sequence import edit_sequence  # noqa: E402
+from lnjax.eval.prepare import prepare_edits  # noqa: E402
 from lnjax.world import default_world  # noqa: E402
 
 # The studies of REPORT.md §1-5 edit the shipped world model's dense down_proj 1-3 (lnjax run's default before
@@ -77,7 +75,7 @@ def study_ln_onoff(out, quick, editors=None):
 
 def _study_editor(name, model):
     """Registry editor ``name`` with its world settings; the hypernetwork editors meta-trained (or read from
-    the ``runs/hypernets`` cache) as ``lnjax run`` does."""
+    the ``hypernets/`` cache under the lnjax cache root) as ``lnjax run`` does."""
     if name in META_TRAINED:
         from lnjax.app.train_editor import trained_editor
         return trained_editor(name, model, world_model.DEFAULT_TARGETS, log=lambda m: None)
@@ -91,17 +89,13 @@ def study_cumulative(out, quick, editors_=("stableedit", "ultraedit")):
     late_turns = max(1, turns // 4)
     world = default_world()
     model = world_model.default_model()
-    tok = world.tokenizer()
-    recs = data.tokenize(data.records_from_dicts("zsre", world.records("edit", turns * per, seed=7), "world"), tok)
-    late = recs[(turns - late_turns) * per:]
+    job = prepare_edits(world.records("edit", turns * per, seed=7), world.tokenizer(), model, edits_per_turn=per,
+                        eval_records=slice((turns - late_turns) * per, None))
+    # the late turns alone: the same packed arrays as the stream's last turns (each turn is ordered on its own)
+    full, only_late, es, base = job.turns, job.turn_slice(turns - late_turns), job.eval_set, job.base_loc
     results = {"turns": turns, "late_turns": late_turns, "editors": {}}
     for name in editors_:
         ed = _study_editor(name, model)
-        length = max(probe_length(*r.edit) for r in recs)
-        full, _ = pack_turns([r.edit for r in recs], per, length)
-        only_late, _ = pack_turns([r.edit for r in late], per, length)
-        es = ev.build_eval_set(late)
-        base = ev.base_predictions(model.apply, model.params, es)
         a = edit_sequence(model, ed, full, world_model.DEFAULT_TARGETS, chunk=5, progress=False, track_accuracy=True)
         b = edit_sequence(model, ed, only_late, world_model.DEFAULT_TARGETS, chunk=5, progress=False)
         ma = ev.evaluate(model.apply, a.params, es, base, ("teacher_forced", "locality_vs_unedited"))

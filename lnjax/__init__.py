@@ -33,7 +33,8 @@ _SUBPACKAGES = ("core", "models", "editors", "io", "engine", "data", "eval", "wo
 _ALIASES = {"hf": "io.hf", "presets": "app.presets", "hparams": "app.hparams"}
 _NAMES = {"Editor": "core.protocol", "EditorState": "core.protocol", "Features": "core.features",
           "TurnBatch": "core.turns", "EditTurn": "core.turns", "SequenceResult": "engine.sequence",
-          "edit_sequence": "engine.sequence"}
+          "SequenceOptions": "engine.sequence",
+          "edit_sequence": "engine.sequence", "prepare_edits": "eval.prepare", "PreparedEdits": "eval.prepare"}
 
 __all__ = sorted(_SUBPACKAGES + tuple(_ALIASES) + tuple(_NAMES)) + ["__version__"]
 

@@ -7,18 +7,18 @@ from lnjax import data
 from lnjax.data import DataError
 from lnjax.world import World, WorldSpec
 
-ZSRE = [{"subject": "Ann", "src": "Who is Ann's father?", "pred": "Bob", "rephrase": "Ann's father is who?",
-         "alt": "Carl", "ans": "Carl", "loc": "nq question: where is paris", "loc_ans": "France",
-         "cond": "Bob >> Carl || Who is Ann's father?"}] * 3
-FEVER = [{"prompt": "Is the sky green?", "alt": "yes", "equiv_prompt": ["Sky green?", "Green sky?"],
-          "unrel_prompt": "Is water wet?", "unrel_ans": "yes"}] * 2
+ZSRE = [{"subject": "Ann", "src": f"Who is Ann's father{'?' * (i + 1)}", "pred": "Bob",
+         "rephrase": "Ann's father is who?", "alt": "Carl", "ans": "Carl", "loc": "nq question: where is paris",
+         "loc_ans": "France", "cond": "Bob >> Carl || Who is Ann's father?"} for i in range(3)]
+FEVER = [{"prompt": p, "alt": "yes", "equiv_prompt": ["Sky green?", "Green sky?"],
+          "unrel_prompt": "Is water wet?", "unrel_ans": "yes"} for p in ("Is the sky green?", "Is grass blue?")]
 WIKI = [{"update": "The CEO of X is", "ans": "Y", "rephrase": "X's CEO is", "loc": "The capital of Z is",
          "loc_ans": "W", "personas": "As a poet: the CEO of X is", "mhop": "The CEO of X was born in",
          "mhop_ans": "V"},
         {"update": "The CEO of Q is", "ans": "R", "rephrase": "Q's CEO is", "loc": "The capital of Z is",
          "loc_ans": "W", "personas": None, "mhop": None, "mhop_ans": None}]
-UEB = [{"prompt": "A is located in", "ans": "B", "rephrase_prompt": "Where is A? In", "loc": "C is in",
-        "loc_ans": "D", "subject": "A"}] * 2
+UEB = [{"prompt": "A is located in", "ans": a, "rephrase_prompt": "Where is A? In", "loc": "C is in",
+        "loc_ans": "D", "subject": "A"} for a in ("B", "E")]
 CF = [{"case_id": 0, "requested_rewrite": {"prompt": "{} plays the", "subject": "Miles Davis",
                                            "target_new": {"str": "piano"}, "target_true": {"str": "trumpet"}},
        "paraphrase_prompts": ["Miles Davis performs on the"], "neighborhood_prompts": ["Louis Armstrong plays the"]}]
@@ -47,21 +47,51 @@ def test_each_reader_maps_its_schema(tmp_path):
     assert c[0].prompt == "Miles Davis plays the" and c[0].target == "piano" and c[0].loc_answer == "trumpet"
 
 
-@pytest.mark.parametrize("mutate,match", [
-    (lambda r: r.pop("ans"), r"row 1: field 'ans': missing"),
-    (lambda r: r.update(src=17), r"row 1: field 'src': expected a string, found int"),
-    (lambda r: r.update(ans="  "), r"row 1: field 'ans': empty"),
+@pytest.mark.parametrize("mutate,match,field,reason", [
+    (lambda r: r.pop("ans"), r"row 1: field 'ans': missing", "ans", "missing"),
+    (lambda r: r.update(ans="  "), r"row 1: field 'ans': empty", "ans", "empty"),
+    (lambda r: r.update(ans=None), r"row 1: field 'ans': null", "ans", "null"),
+    (lambda r: r.update(src="Who is Ann's father?"), r"row 1: field 'prompt': the same edit .* as row 0", "prompt",
+     "the same edit (prompt and target) as row 0"),
 ])
-def test_malformed_rows_name_file_row_and_field(tmp_path, mutate, match):
+def test_unusable_rows_are_skipped_and_named_or_refused_when_strict(tmp_path, mutate, match, field, reason):
+    rows = [dict(r) for r in ZSRE]
+    mutate(rows[1])
+    path = _write(tmp_path, "bad.json", rows)
+    with pytest.raises(data.UnusableRow, match=match) as e:
+        data.read("zsre", path, 3, strict=True)
+    assert "bad.json" in str(e.value)
+    report, lines = data.ReadReport(), []
+    good = data.read("zsre", path, 2, report=report, log=lines.append)
+    assert [g.row for g in good] == [0, 2] and report.rows == 3
+    assert report.skipped == [{"file": path, "row": 1, "field": field, "reason": reason}]
+    assert len(lines) == 1 and "bad.json: row 1" in lines[0] and "skipped" in lines[0]
+    with pytest.raises(DataError, match=r"3 records were asked for, the file has 2 usable rows \(1 skipped"):
+        data.read("zsre", path, 3, report=data.ReadReport())
+    with pytest.warns(UserWarning, match="1 unusable rows skipped"):  # no report, no log: still not silent
+        data.read("zsre", path, 2)
+
+
+@pytest.mark.parametrize("mutate,match", [
+    (lambda r: r.update(src=17), r"row 1: field 'src': expected a string, found int"),
+    (lambda r: r.update(ans=["Carl"]), r"row 1: field 'ans': expected a string, found list"),
+])
+def test_structural_errors_are_never_skipped(tmp_path, mutate, match):
     rows = [dict(r) for r in ZSRE]
     mutate(rows[1])
     path = _write(tmp_path, "bad.json", rows)
     with pytest.raises(DataError, match=match) as e:
-        data.read("zsre", path, 3)
-    assert "bad.json" in str(e.value)
-    report = data.ReadReport()
-    good = data.read("zsre", path, 2, skip_bad_rows=True, report=report)
-    assert len(good) == 2 and len(report.skipped) == 1 and [g.row for g in good] == [0, 2]
+        data.read("zsre", path, 2, report=data.ReadReport())
+    assert not isinstance(e.value, data.UnusableRow)
+
+
+def test_non_utf8_bytes_name_file_line_and_byte(tmp_path):
+    p = tmp_path / "latin1.json"
+    p.write_bytes(b'[\n{"src": "ok"},\n{"src": "caf\xe9"}]')
+    with pytest.raises(DataError, match=r"latin1\.json: line 3, byte 29: not UTF-8"):
+        data.read("zsre", str(p))
+    p.write_bytes(b"\xef\xbb\xbf" + json.dumps(ZSRE).encode())  # a byte-order mark is accepted
+    assert len(data.read("zsre", str(p))) == 3
 
 
 def test_json_lines_and_truncated_files_are_refused(tmp_path):
@@ -94,12 +124,14 @@ def test_tokenization_errors_name_row_and_field():
     assert p[0] == 1 and len(a) >= 1 and p == tok.encode(recs[0].prompt)
     bad = [recs[0], data.EditRecord("where does x live ?", "!!", "p", "l", "x", source="f.json", row=7)]
     with pytest.raises(DataError, match=r"f.json: row 7: field 'target': answer '!!' tokenizes to nothing"):
-        data.tokenize(bad, _NoPunct(tok))
-    with pytest.raises(DataError, match=r"world: row 0: field 'edit': \d+ tokens, more than the configured length 3"):
+        data.tokenize(bad, _NoPunct(tok), strict=True)
+    with pytest.raises(DataError, match=r"world: row 0: field 'edit': \d+ tokens, more than the maximum length 3"):
         data.tokenize(recs, tok, max_length=3)
+    with pytest.raises(data.UnusableRow, match="tokenizes to nothing"):
+        data.tokenize(bad, _NoPunct(tok), strict=True)
     report = data.ReadReport()
-    assert len(data.tokenize(bad, _NoPunct(tok), skip_bad_rows=True, report=report)) == 1
-    assert len(report.skipped) == 1
+    assert len(data.tokenize(bad, _NoPunct(tok), report=report)) == 1
+    assert report.skipped == [{"file": "f.json", "row": 7, "field": "target", "reason": "answer '!!' tokenizes to nothing"}]
 
 
 class _NoPunct:

@@ -50,14 +50,14 @@ def test_zsre_ultraedit_layout_still_targets_ans(tmp_path):
 
 def test_zsre_errors_name_file_row_and_field(tmp_path):
     bad = [dict(MEND[0]), {k: v for k, v in MEND[1].items() if k != "alt"}]
-    with pytest.raises(DataError, match=r"bad\.json: row 1: field 'ans': missing"):
-        data.read("zsre", _write(tmp_path, "bad.json", bad))
+    with pytest.raises(DataError, match=r"bad\.json: row 1: field 'alt': missing"):
+        data.read("zsre", _write(tmp_path, "bad.json", bad), strict=True)
     mixed = [MEND[0], ULTRA[0]]
     with pytest.raises(DataError, match=r"mixed\.json: row 1: field 'alt'.*mend layout"):
         data.read("zsre", _write(tmp_path, "mixed.json", mixed))
     no_answers = [{k: v for k, v in MEND[0].items() if k != "answers"}]
     with pytest.raises(DataError, match=r"row 0: field 'answers'"):
-        data.read("zsre", _write(tmp_path, "na.json", no_answers))
+        data.read("zsre", _write(tmp_path, "na.json", no_answers), strict=True)
 
 
 def test_easyedit_flat_layout(tmp_path):
@@ -78,11 +78,11 @@ def test_easyedit_nested_locality_and_portability(tmp_path):
 def test_easyedit_errors_name_file_row_and_field(tmp_path):
     rows = [EASY_FLAT[0], {k: v for k, v in EASY_FLAT[0].items() if k != "target_new"}]
     with pytest.raises(DataError, match=r"e\.json: row 1: field 'target_new'"):
-        data.read("easyedit", _write(tmp_path, "e.json", rows))
+        data.read("easyedit", _write(tmp_path, "e.json", rows), strict=True)
     bad = json.loads(json.dumps(EASY_NESTED))
     del bad[0]["portability"]["Reasoning"][0]["ground_truth"]
     with pytest.raises(DataError, match=r"row 0: field 'portability.Reasoning.ground_truth': missing"):
-        data.read("easyedit", _write(tmp_path, "p.json", bad))
+        data.read("easyedit", _write(tmp_path, "p.json", bad), strict=True)
     no_loc = [{k: v for k, v in EASY_NESTED[0].items() if k != "locality"}]
     with pytest.raises(DataError, match=r"row 0: field 'locality_prompt': missing"):
-        data.read("easyedit", _write(tmp_path, "l.json", no_loc))
+        data.read("easyedit", _write(tmp_path, "l.json", no_loc), strict=True)

@@ -1,7 +1,6 @@
 """The editor protocol inside the scan engine: what an editor's ``needs`` make the engine compute and pass."""
 
 import chex
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -10,18 +9,12 @@ import lnjax as lx
 from lnjax.core.turns import EditTurn, pack_turns
 from lnjax.editors import Editor, EditorState
 from lnjax.engine import slice_chunk
-from lnjax.models import Model, ModelConfig, get_module, init_params
+from lnjax.models import get_module
 from lnjax.engine.sequence import Evaluation, edit_sequence
 
-CFG = ModelConfig(arch="llama", vocab_size=61, d_model=16, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=24)
-TARGETS = ("model.layers.0.mlp.down_proj", "model.layers.1.mlp.down_proj")
+from fixtures import TARGETS, random_examples as _examples, tiny_model
+
 EPS = 1e-3
-
-
-def _examples(n, seed=0):
-    rng = np.random.default_rng(seed)
-    return [(list(rng.integers(1, 61, rng.integers(2, 6))), list(rng.integers(1, 61, rng.integers(1, 4))))
-            for _ in range(n)]
 
 
 def _scale(subject_last):
@@ -56,7 +49,7 @@ def _edit_turns(n_turns, per_turn, seed=0):
 
 def test_params_and_turn_reach_the_editor_inside_one_compiled_scan():
     chex.clear_trace_counter()
-    model = Model(CFG, init_params(CFG, jax.random.PRNGKey(0), std=0.2))
+    model = tiny_model(0)
     turns = _edit_turns(7, 3)
     res = edit_sequence(model, shrink_editor(), turns, TARGETS, chunk=3, progress=False, track_accuracy=True)
     for name in TARGETS:   # the same rule applied turn by turn on the host
@@ -71,7 +64,7 @@ def test_params_and_turn_reach_the_editor_inside_one_compiled_scan():
 
 def test_plain_turn_batches_reach_a_turn_editor_with_unknown_subjects():
     chex.clear_trace_counter()
-    model = Model(CFG, init_params(CFG, jax.random.PRNGKey(3), std=0.2))
+    model = tiny_model(3)
     res = edit_sequence(model, shrink_editor(), _edit_turns(2, 3).edit, TARGETS, chunk=2, progress=False)
     for name in TARGETS:   # subject_last = -1 everywhere: the shift's scale is 0
         np.testing.assert_array_equal(np.asarray(get_module(res.params, name)["kernel"]),
@@ -80,7 +73,7 @@ def test_plain_turn_batches_reach_a_turn_editor_with_unknown_subjects():
 
 
 def test_needs_select_what_the_engine_computes():
-    model = Model(CFG, init_params(CFG, jax.random.PRNGKey(1), std=0.2))
+    model = tiny_model(1)
     tb, _ = pack_turns(_examples(12), 4)
     seen = {}
 
@@ -107,7 +100,7 @@ def test_slice_chunk_pads_every_turn_batch_without_supervision():
 
 
 def test_evaluation_hook_records_points_after_applied_turns():
-    model = Model(CFG, init_params(CFG, jax.random.PRNGKey(2), std=0.2))
+    model = tiny_model(2)
     tb, _ = pack_turns(_examples(12), 2)
     warm, _ = pack_turns(_examples(4, 5), 2, length=tb.input_ids.shape[2])
     host = {}

@@ -69,3 +69,87 @@ def test_teacher_forced_metrics_and_locality_protocols():
 def test_retention_by_turn():
     r = ev.retention_by_turn(np.array([1.0, 0.0, 0.5, 1.0]), np.array([0, 0, 1, 1]), 3)
     assert r[:2].tolist() == [0.5, 0.75] and np.isnan(r[2])
+
+
+def test_hidden_states_then_head_at_gathered_positions_equal_the_full_forward():
+    """``Model.apply_hidden`` + ``Model.head`` at gathered positions give the logits of the full forward there, for
+    every architecture (tied and untied heads), as ``predictions`` relies on."""
+    from lnjax.models import split_apply
+    cases = [ModelConfig(arch="llama", vocab_size=37, d_model=16, n_layers=2, n_heads=2, d_ff=32),
+             ModelConfig(arch="llama", vocab_size=37, d_model=16, n_layers=1, n_heads=2, d_ff=32,
+                         tie_embeddings=True),
+             ModelConfig(arch="gpt2", vocab_size=37, d_model=16, n_layers=1, n_heads=2, d_ff=32),
+             ModelConfig(arch="gptj", vocab_size=37, d_model=16, n_layers=1, n_heads=2, d_ff=32)]
+    ids = jnp.asarray(np.random.default_rng(0).integers(1, 37, (3, 9)), jnp.int32)
+    mask = jnp.ones((3, 9), jnp.int32).at[2, 6:].set(0)
+    pos = jnp.asarray([[0, 8], [3, 4], [5, 1]], jnp.int32)
+    for cfg in cases:
+        model = Model(cfg, init_params(cfg, jax.random.PRNGKey(1), std=0.5))
+        hidden, head = split_apply(model.apply)
+        assert (hidden, head) == (model.apply_hidden, model.head)
+        full = model.apply(model.params, ids, mask)
+        h = model.apply_hidden(model.params, ids, mask)
+        assert h.shape == (3, 9, cfg.d_model)
+        np.testing.assert_allclose(model.head(model.params, jnp.take_along_axis(h, pos[:, :, None], axis=1)),
+                                   jnp.take_along_axis(full, pos[:, :, None], axis=1), rtol=1e-6, atol=1e-6)
+    assert split_apply(lambda p, i, m: None) is None
+
+
+def _old_evaluate(model, es, base_loc, protocols):
+    """The evaluation as it was: every probe set padded to its longest probe, logits at every position."""
+    dense = {k: ev.dense_predictions(model.apply, model.params, b) for k, b in es.batches.items()}
+    return ev.evaluate(model.apply, model.params, es, base_loc, protocols, per_example=True, known=dense)
+
+
+def test_bucketed_supervised_predictions_equal_the_dense_path():
+    """The bucketed evaluation (length buckets, calls fitted to them, the head at supervised positions only)
+    predicts exactly what the dense evaluation did at every supervised position, so every metric is identical;
+    with small call budgets several buckets and several calls per bucket are exercised."""
+    model = _model()
+    rng = np.random.default_rng(3)
+    mk = lambda: (list(rng.integers(1, 37, rng.integers(2, 25))), list(rng.integers(1, 37, rng.integers(1, 5))))
+    recs = [TokenizedRecord(mk(), mk(), mk(), {}) for _ in range(40)]
+    es = ev.build_eval_set(recs)
+    for budget in (16, 64, None):
+        for k, b in es.batches.items():
+            got = ev.predictions(model.apply, model.params, b, budget=budget)
+            sup = np.asarray(b.labels) != -100
+            np.testing.assert_array_equal(got[sup], ev.dense_predictions(model.apply, model.params, b)[sup])
+            assert (got[~sup] == -1).all()
+    base = ev.dense_predictions(model.apply, model.params, es.batches["locality"])
+    protocols = ("teacher_forced", "locality_vs_unedited", "generation_exact_match")
+    old = _old_evaluate(model, es, base, protocols)
+    new = ev.evaluate(model.apply, model.params, es, ev.base_predictions(model.apply, model.params, es), protocols,
+                      per_example=True)
+    assert {k: v for k, v in new.items() if k != "per_example"} == {k: v for k, v in old.items() if k != "per_example"}
+    for key, arr in old["per_example"].items():
+        np.testing.assert_array_equal(new["per_example"][key], arr)
+
+
+def test_bucketed_evaluation_equals_the_dense_path_on_the_world_model():
+    from lnjax import data as data_lib
+    from lnjax.world import default_world, world_model
+    world = default_world()
+    model = world_model.default_model()
+    recs = data_lib.tokenize(data_lib.records_from_dicts("zsre", world.records("edit", 60, seed=5), "world"),
+                             world.tokenizer())
+    es = ev.build_eval_set(recs)
+    protocols = ("teacher_forced", "locality_vs_unedited", "generation_exact_match")
+    old = _old_evaluate(model, es, ev.dense_predictions(model.apply, model.params, es.batches["locality"]), protocols)
+    base = ev.base_predictions(model.apply, model.params, es)
+    new = ev.evaluate(model.apply, model.params, es, base, protocols, per_example=True, known={"locality": base})
+    assert {k: v for k, v in new.items() if k != "per_example"} == {k: v for k, v in old.items() if k != "per_example"}
+
+
+def test_plan_buckets_covers_every_row_once_within_budget():
+    lengths = np.random.default_rng(0).integers(1, 60, 500)
+    plan = ev.plan_buckets(lengths, budget=256, compile_tokens=64)
+    rows = np.concatenate([r for _, _, r in plan])
+    np.testing.assert_array_equal(np.sort(rows), np.arange(500))
+    assert len(plan) > 1
+    for L, B, r in plan:
+        assert L % ev.LENGTH_GRAIN == 0 and (lengths[r] <= L).all()
+        assert B * L <= 256 and (B % ev.ROW_GRAIN == 0 or B in (1, 2))
+    # one huge compile cost: a single bucket at the longest length
+    assert [(L, len(r)) for L, _, r in ev.plan_buckets(lengths, 256, compile_tokens=10 ** 9)] == [(60, 500)]
+    assert ev.plan_buckets([], 256) == []

@@ -105,8 +105,8 @@ def test_default_testbed_matches_its_base_and_gives_every_fact_its_own_slots():
 
 def test_run_defaults_on_the_testbed_use_its_hyperparameters():
     got = hparams.resolve("ultraedit", dataset="world", turns=20)
-    assert (got["lr"], got["alpha"]) == (hparams.TESTBED_HPARAMS["ultraedit"]["lr"],
-                                         hparams.TESTBED_HPARAMS["ultraedit"]["alpha"])
+    assert (got["lr"], got["alpha"]) == (hparams.FAIR_TESTBED_HPARAMS["ultraedit"]["lr"],
+                                         hparams.FAIR_TESTBED_HPARAMS["ultraedit"]["alpha"])
     dense = hparams.resolve("ultraedit", dataset="world", turns=20, model=world_model.ASSET_DIR)
     assert dense["lr"] == hparams.WORLD_HPARAMS["ultraedit"]["lr"]
     assert hparams.TESTBED_HPARAMS["no_normalization"]["lr"] == hparams.TESTBED_HPARAMS["ultraedit"]["lr"]

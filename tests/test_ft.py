@@ -6,15 +6,14 @@ import pytest
 import lnjax as lx
 from lnjax.editors import ft
 from lnjax.core.turns import IGNORE, EditTurn, pack
-from lnjax.models import Model, ModelConfig, get_module, init_params, with_module_leaf
+from lnjax.models import get_module, with_module_leaf
 from lnjax.engine import edit_accuracy
 
-CFG = ModelConfig(arch="llama", vocab_size=61, d_model=16, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=24)
-TARGETS = ("model.layers.0.mlp.down_proj", "model.layers.1.mlp.down_proj")
+from fixtures import TARGETS, TINY as CFG, tiny_model
 
 
 def _setup(n=6, seed=0):
-    m = Model(CFG, init_params(CFG, jax.random.PRNGKey(seed), std=0.3))
+    m = tiny_model(seed, std=0.3)
     rng = np.random.default_rng(seed)
     ex = [([1] + list(rng.integers(4, 61, 4)), list(rng.integers(4, 61, rng.integers(1, 3)))) for _ in range(n)]
     b = pack(ex)

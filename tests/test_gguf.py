@@ -4,6 +4,7 @@ when it is cached."""
 
 import os
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -269,3 +270,28 @@ def test_real_smollm2_knows_paris(smollm2):
         logits = _lx_logits(model, np.asarray([ids]), np.ones((1, len(ids)), np.int32))
         ids = ids + [int(logits[0, -1].argmax())]
     assert tok.decode(ids[-2:]).startswith(" Paris")
+
+
+def test_gguf_conversion_cache_loads_the_same_model_and_tokenizer(tiny, tmp_path, monkeypatch):
+    """``lx.hf.load`` of a GGUF writes its conversion once (float32 safetensors + config + tokenizer.json under the
+    cache root) and later loads read it: same config, bit-identical parameters in both dtypes, same tokens."""
+    from lnjax.io import hf as hf_io
+    d, name, _, _ = tiny
+    monkeypatch.setenv("LNJAX_CACHE", str(tmp_path))
+    monkeypatch.setattr(hf_io, "_CONVERT_MIN_BYTES", 0)
+    path = str(d / name)
+    texts = ["Paris is the capital of France", " 2026 ünïcödé", "<|im_start|>x"]
+    for dtype in ("float32", "bfloat16"):
+        direct = lx_gguf.load(path, dtype)
+        assert hf_io.converted_gguf(path) is not None
+        via = lx.hf.load(path, dtype)
+        assert via.config == direct.config and via.hf_config == direct.hf_config
+        for a, b in zip(jax.tree_util.tree_leaves(direct.params), jax.tree_util.tree_leaves(via.params)):
+            assert a.dtype == b.dtype
+            np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
+        assert jax.tree_util.tree_structure(direct.params) == jax.tree_util.tree_structure(via.params)
+    assert len(os.listdir(tmp_path / "converted")) == 1  # one conversion, reused
+    tok, direct_tok = lx.hf.load_tokenizer(path), lx_gguf.load_tokenizer(path)
+    assert [tok.encode(t) for t in texts] == [direct_tok.encode(t) for t in texts]
+    monkeypatch.setenv("LNJAX_GGUF_CACHE", "0")
+    assert hf_io.converted_gguf(path) is None

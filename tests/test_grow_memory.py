@@ -4,6 +4,7 @@ world model."""
 
 import numpy as np
 
+from lnjax import data
 from lnjax.world import memory_testbed
 from lnjax.world import world_model
 from lnjax.world import default_world
@@ -29,6 +30,19 @@ def test_grown_model_matches_base_and_centres_its_memory_input(tmp_path):
     mask = np.ones_like(ids)
     np.testing.assert_allclose(np.asarray(grown.apply(grown.params, ids, mask)),
                                np.asarray(base.apply(base.params, ids, mask)), rtol=1e-5, atol=1e-4)
+    # centred on the train pool: the slot scores (whitened input times the random slot directions) of the memory's
+    # input at the answer rows of the train-pool prompts the whitening was fitted on have mean 0, while the same
+    # projection of the uncentred input does not
+    recs = data.tokenize(data.records_from_dicts("zsre", world.records("train", len(world.all_facts("train"))),
+                                                 "world"), tok)
+    keys, _ = memory_testbed.memory_inputs(base, (2,), [r.edit for r in recs] + [r.paraphrase for r in recs])
+    x = keys["model.layers.2.memory.key_proj"]
+    proj = grown.params["model"]["layers"][2]["memory"]["key_proj"]
+    kernel, bias = np.asarray(proj["kernel"], np.float64), np.asarray(proj["bias"], np.float64)
+    scores = x @ kernel + bias
+    spread = scores.std(0).mean()
+    assert np.abs((x @ kernel).mean(0)).mean() > 0.1 * spread      # the raw input is far from centred
+    assert np.abs(scores.mean(0)).max() < 1e-4 * spread
     world_model.save(str(tmp_path), grown.config, grown.params, {"test": True})
     back = world_model.load(str(tmp_path))
     assert back.config == grown.config

@@ -14,6 +14,7 @@ transformers = pytest.importorskip("transformers")
 import lnjax as lx  # noqa: E402
 from lnjax.io.hf import CheckpointError  # noqa: E402
 from lnjax.models import get_module, with_module_leaf  # noqa: E402
+from fixtures import world_config  # noqa: E402
 
 V = 101
 
@@ -189,8 +190,7 @@ def test_lnjax_built_model_exports_to_transformers_with_tokenizer(tmp_path):
     from lnjax.world import World, WorldSpec
 
     world = World(WorldSpec(n_subjects=40))
-    cfg = lx.models.ModelConfig(arch="llama", vocab_size=len(world.vocab), d_model=32, n_layers=2, n_heads=4,
-                                n_kv_heads=2, d_ff=48, bos_token_id=1, eos_token_id=2)
+    cfg = world_config(len(world.vocab))
     params = lx.models.init_params(cfg, jax.random.PRNGKey(0), std=0.2)
     model = lx.models.Model(cfg, params)
     out = str(tmp_path / "export")

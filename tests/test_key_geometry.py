@@ -87,4 +87,7 @@ def test_leak_by_answer_small_run(tmp_path):
     out = json.load(open(tmp_path / "leak_by_answer.json"))
     assert out["edits"] == 10 and out["kept_facts"] == 50 and 0.0 <= out["flipped_overall"] <= 1.0
     assert sum(b["facts"] for b in out["by_same_old_answer"]) == 50
+    # the buckets partition the kept facts: their flips add up to the overall share
+    for key in ("by_exposure", "by_same_old_answer", "by_exposure_as_new_target"):
+        assert np.isclose(sum(b["facts"] * b["flipped"] for b in out[key]), 50 * out["flipped_overall"])
     assert "whole old answer" in open(tmp_path / "summary.md").read()

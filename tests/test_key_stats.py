@@ -1,6 +1,5 @@
 import os
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -8,14 +7,12 @@ import pytest
 from lnjax.editors import key_stats
 from lnjax.io import stats_cache
 from lnjax.core.turns import pack
-from lnjax.models import Model, ModelConfig, init_params
 
-CFG = ModelConfig(arch="llama", vocab_size=61, d_model=16, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=24)
-TARGETS = ("model.layers.0.mlp.down_proj", "model.layers.1.mlp.down_proj")
+from fixtures import TARGETS, TINY as CFG, tiny_model
 
 
 def _model(seed=0):
-    return Model(CFG, init_params(CFG, jax.random.PRNGKey(seed), std=0.2))
+    return tiny_model(seed)
 
 
 def _corpus(n=23, seed=0):

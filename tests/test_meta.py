@@ -6,20 +6,19 @@ import pytest
 from lnjax.editors import hypernet as hn
 from lnjax.engine import meta
 from lnjax.data import TokenizedRecord
-from lnjax.models import Model, ModelConfig, init_params
 from lnjax.models.probe import turn_features
 from lnjax.engine.sequence import edit_sequence, frozen_and_kernels, join
 from reference_np import RefStats
 import reference_hypernet_np as ref
 
-CFG = ModelConfig(arch="llama", vocab_size=61, d_model=16, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=24)
-TARGETS = ("model.layers.0.mlp.down_proj", "model.layers.1.mlp.down_proj")
+from fixtures import TARGETS, tiny_model
+
 GROUP = "24x16"
 E, MBS = 8, 4
 
 
 def _model():
-    return Model(CFG, init_params(CFG, jax.random.PRNGKey(0), std=0.2))
+    return tiny_model(0)
 
 
 def _turns(n_turns=3, seed=0):

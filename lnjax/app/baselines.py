@@ -19,8 +19,6 @@ from lnjax.io import stats_cache
 from lnjax.world import world_model
 
 MODEL_EDITORS = hparams.MODEL_BASELINES
-WORLD_HPARAMS = hparams.WORLD_BASELINES
-WORLD_TARGETS = hparams.WORLD_BASELINE_TARGETS
 WORLD_CORPUS = "world pretraining text: every fact in every wording"
 
 
@@ -66,17 +64,17 @@ def make_editor(name: str, model, targets: Sequence[str], *, world=None, npz: Op
 def for_run(name: str, model, targets: Sequence[str], *, dataset: str, explicit_targets: bool, lr=None,
             options: Optional[dict] = None, log: Optional[Callable[[str], None]] = print):
     """``(editor, targets, metadata)`` of baseline ``name`` in an ``lnjax run``: on the world dataset its world
-    settings (``hparams.WORLD_BASELINES``) and, unless the run names its targets, its world targets; ``lr``
+    settings (``hparams.MODEL_BASELINE_WORLD_HPARAMS``) and, unless the run names its targets, its world targets; ``lr``
     (FT only) and ``options`` override. Off the world MEMIT and AlphaEdit need ``options["npz"]``
     ({target: MEMIT-format .npz})."""
     from lnjax.world import default_world
     on_world = dataset == "world"
-    opts = {**(WORLD_HPARAMS.get(name, {}) if on_world else {}), **(options or {})}
+    opts = {**(hparams.MODEL_BASELINE_WORLD_HPARAMS.get(name, {}) if on_world else {}), **(options or {})}
     npz = opts.pop("npz", None)
     if lr is not None and name == "ft":
         opts["lr"] = lr
     if on_world and not explicit_targets:
-        targets = WORLD_TARGETS.get(name, targets)
+        targets = hparams.MODEL_BASELINE_WORLD_TARGETS.get(name, targets)
     editor, meta = make_editor(name, model, targets, world=default_world() if on_world else None, npz=npz,
                                options=opts, log=log)
     return editor, tuple(targets), meta

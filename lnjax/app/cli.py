@@ -3,55 +3,55 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 import time
 from typing import Optional, Sequence
 
-from lnjax.data import DATASETS
 from lnjax.editors import REGISTRY
-from lnjax.engine import WARMUP_POSITIONS
-from lnjax.app.hparams import help_text
 
 
-def _csv(text: str) -> tuple:
-    return tuple(x.strip() for x in text.split(",") if x.strip())
+def add_config_options(parser: argparse.ArgumentParser) -> None:
+    """One option per ``RunConfig`` field (``lnjax.app.run``), named, typed and explained by the field's metadata
+    and defaulting to the field's default, so a default is written once: ``--field-name VALUE`` (dest: the
+    field's name); a bool field that defaults to False is a switch ``--field-name``, one that defaults to True a
+    switch ``--no-field-name`` that turns it off. The default is appended to the help text."""
+    from lnjax.app.run import RunConfig
+    for f in dataclasses.fields(RunConfig):
+        if "cli" not in f.metadata:
+            continue
+        opts = dict(f.metadata["cli"])
+        name = f.name.replace("_", "-")
+        if isinstance(f.default, bool):
+            flag = opts.pop("flag", f"--no-{name}" if f.default else f"--{name}")
+            parser.add_argument(flag, dest=f.name, action="store_false" if f.default else "store_true", **opts)
+            continue
+        flag = opts.pop("flag", f"--{name}")
+        opts.setdefault("type", None if f.default is None else type(f.default))
+        if f.default is not None:
+            shown = ",".join(f.default) if isinstance(f.default, tuple) else f.default
+            opts["help"] = f"{opts['help']} (default: {shown})".replace("%", "%%")
+        parser.add_argument(flag, dest=f.name, default=f.default, **opts)
+
+
+def config_from_args(args: argparse.Namespace):
+    """The ``RunConfig`` of parsed ``lnjax run`` arguments (the fields ``add_config_options`` offered)."""
+    from lnjax.app.run import RunConfig
+    return RunConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(RunConfig) if "cli" in f.metadata})
 
 
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="lnjax", description="Lifelong model editing with Lifelong Normalization.")
+    ap.add_argument("--debug", action="store_true", help="show the traceback of an error (accepted anywhere)")
     sub = ap.add_subparsers(dest="command", required=True)
     r = sub.add_parser("run", help="sequential editing runs of several editors, evaluated and written to --out",
                        description="With no arguments: StableEdit, UltraEdit and the no-normalization ablation over "
                                    "2,000 sequential edits (20 turns of 100) on the embedded world, edited in the "
                                    "fact memory of the default testbed (lnjax.world.memory_testbed).")
-    r.add_argument("--editor", type=_csv, default=None,
-                   help=f"comma-separated editors (default stableedit,ultraedit,no_normalization); "
-                        f"known: {','.join(sorted(REGISTRY))}")
-    r.add_argument("--turns", type=int, default=20)
-    r.add_argument("--edits-per-turn", type=int, default=100)
-    r.add_argument("--warmup-turns", type=int, default=None,
-                   help="warm-up turns (default: turns//10 for StableEdit editors, 0 for the others)")
-    r.add_argument("--warmup-at", choices=WARMUP_POSITIONS, default="start")
-    r.add_argument("--lr", type=float, default=None, help=help_text("lr"))
-    r.add_argument("--alpha", type=float, default=None, help=help_text("alpha"))
-    r.add_argument("--targets", type=_csv, default=None, help="comma-separated HF module paths to edit")
-    r.add_argument("--model", default=None, help="HF checkpoint directory, world-model directory (e.g. "
-                                                 "lnjax/assets/world_model, edited at its dense down_proj 1-3), .gguf "
-                                                 "file or built-in name (smollm2: SmolLM2-135M-Instruct, fetched "
-                                                 "once); default: the world model with a fact memory "
-                                                 "(lnjax.world.memory_testbed, built once)")
-    r.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
-    r.add_argument("--dataset", choices=("world", "facts") + DATASETS, default="world",
-                   help="world: the embedded world; facts: real geography facts (lnjax.data.facts); others read --data")
-    r.add_argument("--data", default=None, help="edit records file (JSON array) for --dataset")
-    r.add_argument("--train-data", default=None, help="training-split file for warm-up turns")
+    add_config_options(r)  # every RunConfig field, its default and help from the field
     r.add_argument("--out", default=None, help="run directory (default runs/<timestamp>)")
-    r.add_argument("--seed", type=int, default=0)
-    r.add_argument("--eval-every", type=int, default=5, help="turns between evaluations during the run (0: end only)")
-    r.add_argument("--max-length", type=int, default=None, help="refuse probes longer than this many tokens")
-    r.add_argument("--skip-bad-rows", action="store_true", help="skip (and count) malformed rows instead of failing")
-    r.add_argument("--no-generation", action="store_true", help="skip the greedy-generation metric")
+    r.add_argument("--skip-bad-rows", action="store_true", help=argparse.SUPPRESS)  # deprecated: now the default
     r.add_argument("--checkpoint-dir", default=None, help="checkpoint every chunk into this directory")
     r.add_argument("--resume", default=None, metavar="DIR",
                    help="continue the run checkpointed in DIR (its saved config is used; other flags must agree)")
@@ -66,13 +66,58 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--coordinator", default=None, help="multi-host coordinator address host:port")
     r.add_argument("--num-processes", type=int, default=None)
     r.add_argument("--process-id", type=int, default=None)
+    r.add_argument("--heartbeat-timeout", type=int, default=60, metavar="SECONDS",
+                   help="multi-host: a process silent this long is taken as dead and the others stop with an error")
     from lnjax.app.train_editor import add_cli
     add_cli(sub)
+    from lnjax.app.edit import add_cli as add_edit_cli
+    add_edit_cli(sub)
     return ap
 
 
+# What a user's input can cause, reported as one line (``lnjax: error: ...``, exit 1) without a traceback unless
+# --debug: bad files, rows and fields (DataError), checkpoints and weights (CheckpointError), flags and configs
+# (ValueError, which both derive from), unreadable paths (OSError) and a run stopped on a non-finite shift.
+# Anything else is a bug of lnjax and keeps its traceback.
+def _user_errors() -> tuple:
+    from lnjax.engine.sequence import NonFiniteShift
+    return (ValueError, OSError, NonFiniteShift)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    """``lnjax SUBCOMMAND ...``; every subcommand's errors go through here (``--debug``, anywhere on the line,
+    or ``LNJAX_DEBUG=1``: raise them with their traceback instead)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv or os.environ.get("LNJAX_DEBUG", "") not in ("", "0")
+    argv = [a for a in argv if a != "--debug"]
+    try:
+        return _main(argv)
+    except Exception as e:
+        distributed = "--distributed" in argv
+        if debug or not (isinstance(e, _user_errors()) or distributed):
+            raise
+        where = ""
+        if distributed:  # a collective failing is often another process dying: say which process this is
+            import jax
+            where = f"process {jax.process_index()} of {jax.process_count()}: "
+        text = " ".join(str(e).split()) or type(e).__name__
+        if not isinstance(e, _user_errors()):
+            text = f"{type(e).__name__}: {text}"
+        print(f"lnjax: error: {where}{text}", file=sys.stderr)
+        if distributed:
+            # Leave at once: the normal exit would wait at JAX's shutdown barrier for a partner that may be dead,
+            # and the runtime would then abort with its own stack trace after this line.
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(1)
+        return 1
+
+
+def _main(argv: Sequence[str]) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "edit":
+        from lnjax.app.edit import cli_main as edit_main
+        return edit_main(args)
     if args.command == "train-editor":
         from lnjax.core.cpu_threads import limit_lapack_threads_on_cpu
         from lnjax.app.train_editor import cli_main
@@ -81,30 +126,32 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.distributed:
         import jax
         # Must run before any JAX computation; every process then sees the global devices for --mesh.
+        # A dead process stops the others after --heartbeat-timeout (JAX's default, 100 s, then 300 s more at
+        # the shutdown barrier, would leave them waiting for minutes).
         jax.distributed.initialize(coordinator_address=args.coordinator, num_processes=args.num_processes,
-                                   process_id=args.process_id)
+                                   process_id=args.process_id, heartbeat_timeout_seconds=args.heartbeat_timeout,
+                                   shutdown_timeout_seconds=args.heartbeat_timeout)
+    from lnjax.io.builtin_models import enable_compilation_cache
+    enable_compilation_cache()  # compiled programs persist across runs (LNJAX_COMPILATION_CACHE=0 turns it off)
     from lnjax.app.report import format_table
-    from lnjax.app.run import DEFAULT_EDITORS, RunConfig, run
+    from lnjax.app.run import RunConfig, run
 
-    cfg = RunConfig(editors=args.editor or DEFAULT_EDITORS, turns=args.turns, edits_per_turn=args.edits_per_turn,
-                    warmup_turns=args.warmup_turns, warmup_at=args.warmup_at, lr=args.lr, alpha=args.alpha,
-                    targets=args.targets, model=args.model, dtype=args.dtype, dataset=args.dataset, data=args.data,
-                    train_data=args.train_data, seed=args.seed, eval_every=args.eval_every,
-                    max_length=args.max_length, skip_bad_rows=args.skip_bad_rows,
-                    generation=not args.no_generation)
+    cfg = config_from_args(args)
+    if args.skip_bad_rows:
+        print("lnjax run: --skip-bad-rows is deprecated and has no effect: unusable rows are skipped (and listed) "
+              "by default; --strict refuses them", file=sys.stderr)
     checkpoint_dir = args.checkpoint_dir
     if args.resume:
         from lnjax.io.checkpoint import CheckpointError, resume_config
         try:
             cfg = RunConfig.from_json(resume_config(args.resume, cfg.to_json(), RunConfig().to_json()))
         except CheckpointError as e:
-            print(f"lnjax run: --resume: {e}", file=sys.stderr)
-            return 2
+            raise CheckpointError(f"--resume: {e}") from None
         checkpoint_dir = args.resume
-    unknown = [e for e in cfg.editors if e not in REGISTRY]
+    from lnjax.app.hparams import RUN_ALIASES  # run names for a registry editor at other settings
+    unknown = [e for e in cfg.editors or () if e not in REGISTRY and e not in RUN_ALIASES]
     if unknown:
-        print(f"lnjax run: unknown editor(s) {unknown}; known: {sorted(REGISTRY)}", file=sys.stderr)
-        return 2
+        raise ValueError(f"--editor: unknown editor(s) {unknown}; known: {sorted({*REGISTRY, *RUN_ALIASES})}")
     out = args.out or os.path.join("runs", time.strftime("%Y%m%d-%H%M%S"))
     results = run(cfg, out, progress=not args.quiet, checkpoint_dir=checkpoint_dir, resume=bool(args.resume),
                   on_nonfinite=args.on_nonfinite, mesh=args.mesh)

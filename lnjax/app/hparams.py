@@ -9,6 +9,7 @@ Where the numbers come from is docs/method.md §8.
 from __future__ import annotations
 
 import inspect
+import warnings
 from typing import Optional
 
 from lnjax import editors as _editors
@@ -43,7 +44,8 @@ WORLD_HPARAMS = {
     "per_turn_normalization": {"lr": 1e-2, "alpha": 1.0},
 }
 
-# lnjax run's default testbed (lnjax.world.memory_testbed: the shipped world model with a fact memory at block 3), from
+# The all-wordings testbed (lnjax.world.memory_testbed.DEFAULT_SETTINGS: keys from every wording, so GS is decided
+# by construction; lnjax run's default before issue 23, kept for the studies run on it), from
 # experiments/tune_world.py on seed-1 edits (20 turns of 100; REPORT.md §8, "A memory keyed by facts"). A turn's
 # writes reach almost no fact it does not edit there, so there is no damage to compare the editors at: UltraEdit
 # takes the smallest swept lr at which its edits are written (ES ≥ 0.9; 10 writes the same), StableEdit likewise
@@ -56,6 +58,34 @@ TESTBED_HPARAMS = {
     "no_normalization": {"lr": 3.0, "alpha": 1.0},
     "per_turn_normalization": {"lr": 3.0, "alpha": 1.0},
 }
+# lnjax run's default: the fair testbed (lnjax.world.memory_testbed.FAIR_SETTINGS, keys from wording 0 only) under
+# the fair protocol (lnjax.world.fair). Run name -> the registry editor it runs and its lr / alpha, chosen by
+# experiments/tune_fair.py on the *tune* subjects only (never evaluated): the same budget for every editor (7 lrs
+# half a decade apart around a centre fixed beforehand, one seed of 5 turns of 100 edits), the rule max mean(ES,
+# GS, lowest locality over the random set and every family). Results and command:
+# experiments/results/fair_protocol/tuning.json (`python experiments/tune_fair.py --turns 5 --out ...`).
+# ``no_normalization`` is the same-lr ablation (UltraEdit's lr, the normalization removed: the papers' Fig. 1a);
+# ``no_normalization_tuned`` the same un-normalized solve at its own tuned lr.
+FAIR_TESTBED_HPARAMS = {
+    "stableedit": {"editor": "stableedit", "lr": 316.22776601683796, "alpha": 10.0},
+    "ultraedit": {"editor": "ultraedit", "lr": 9.486832980505138, "alpha": 1.0},
+    "no_normalization": {"editor": "no_normalization", "lr": 9.486832980505138, "alpha": 1.0},
+    "no_normalization_tuned": {"editor": "no_normalization", "lr": 1e8, "alpha": 1.0},
+    "per_turn_normalization": {"editor": "per_turn_normalization", "lr": 3.0, "alpha": 1.0},
+}
+# How FAIR_TESTBED_HPARAMS was chosen, recorded in lnjax run's results metadata (``metadata.protocol.tuning``).
+FAIR_TUNING = {
+    "results": "experiments/results/fair_protocol/tuning.json",
+    "command": "python experiments/tune_fair.py --turns 5 --out experiments/results/fair_protocol/tuning.json",
+    "subjects": "the tune role of lnjax.world.fair.fair_split (disjoint from the evaluated subjects)",
+    "budget": "7 lrs half a decade apart around a centre fixed before tuning, 1 seed of 5 turns of 100 edits, "
+              "the same for every editor",
+    "rule": "max mean(ES, GS, lowest locality over the random set and every family); ties to the smaller lr",
+    "same_lr_ablation": "no_normalization takes UltraEdit's tuned lr (not tuned itself)",
+}
+# Run names that are a registry editor at other settings (``registry_name``).
+RUN_ALIASES = {name: v["editor"] for name, v in FAIR_TESTBED_HPARAMS.items() if v["editor"] != name}
+
 # The baselines that run the model (lnjax.app.baselines: FT, MEMIT, AlphaEdit) on the embedded world, where a
 # published value is tied to model scale: the world model's residual stream has norm ~3000 at
 # the edited position, so Adam's per-coordinate v_lr of 0.5 cannot move z in 25 steps (v_lr 20), and it looks
@@ -66,15 +96,17 @@ MODEL_BASELINES = ("ft", "memit", "alphaedit")
 # The meta-trained hypernetwork editors (lnjax.editors.hypernet): their edit lr and ridge are learned, not set here.
 META_TRAINED = ("rledit", "malmen", "mend", "rledit_no_normalization", "malmen_no_normalization",
                 "mend_no_normalization")
-WORLD_BASELINES = {
+# The model-running baselines' settings on the embedded world (the paragraph above MODEL_BASELINES); a table of
+# its own, not the LN editors' WORLD_HPARAMS.
+MODEL_BASELINE_WORLD_HPARAMS = {
     "ft": {},
     "memit": {"fact_token": "prompt_last", "v_lr": 20.0},
     "alphaedit": {"fact_token": "prompt_last", "v_lr": 20.0},
 }
 # MEMIT's z is taken at the last edited block; on the 4-block world model that must not be the last block, whose
 # output at the question mark reaches only the first answer token.
-WORLD_BASELINE_TARGETS = {"memit": ("model.layers.1.mlp.down_proj", "model.layers.2.mlp.down_proj"),
-                          "alphaedit": ("model.layers.1.mlp.down_proj", "model.layers.2.mlp.down_proj")}
+MODEL_BASELINE_WORLD_TARGETS = {"memit": ("model.layers.1.mlp.down_proj", "model.layers.2.mlp.down_proj"),
+                                "alphaedit": ("model.layers.1.mlp.down_proj", "model.layers.2.mlp.down_proj")}
 
 
 # lnjax run's defaults on the built-in real models (``lnjax.io.builtin_models``), on their default targets
@@ -107,26 +139,70 @@ def published(model: str, method: str) -> tuple[float, float, int]:
     return PUBLISHED_LR.get((model, method), base["lr"]), base["alpha"], PUBLISHED_WARMUP_TURNS.get(method, 0)
 
 
+def registry_name(editor: str) -> str:
+    """The registry editor a run name stands for (``no_normalization_tuned`` -> ``no_normalization``)."""
+    return RUN_ALIASES.get(editor, editor)
+
+
 def uses_warmup(editor: str) -> bool:
     """Whether ``editor`` is a StableEdit variant (the methods with warm-up turns)."""
     return editor.startswith("stableedit")
 
 
+def tuned_table(model: Optional[str], dataset: str) -> tuple[Optional[str], dict]:
+    """``(name, table)`` of the tuned table a run of ``model`` on ``dataset`` takes its lr and alpha from, or
+    ``(None, {})`` where lnjax has tuned none. The combinations, stated once (a table belongs to a model *and* the
+    data it was tuned on; one tuned for another model or dataset is never borrowed):
+
+    - the default testbed (``model`` None) on ``"world"``: ``FAIR_TESTBED_HPARAMS``;
+    - a world-model directory (``lnjax.world.world_model.is_model_dir``) on ``"world"``: ``WORLD_HPARAMS``;
+    - a built-in model with a row in ``MODEL_HPARAMS`` on a real-text dataset (not ``"world"``): that row.
+    """
+    from lnjax.world import world_model
+    if dataset == "world" and model is None:
+        return "FAIR_TESTBED_HPARAMS", FAIR_TESTBED_HPARAMS
+    if dataset == "world" and world_model.is_model_dir(model):
+        return "WORLD_HPARAMS", WORLD_HPARAMS
+    if dataset != "world" and model in MODEL_HPARAMS:
+        return f"MODEL_HPARAMS[{model!r}]", MODEL_HPARAMS[model]
+    return None, {}
+
+
+def _untuned(editor: str, model: Optional[str], dataset: str, table: Optional[str]) -> None:
+    """No tuned lr for ``editor`` on ``model`` x ``dataset`` and none given: refused for the models lnjax ships
+    (the testbed, a world model, a built-in one: their scale is far from the published 7-8B setting, so its
+    default would edit nothing), a warning for any other checkpoint (the published setting is its best guess)."""
+    from lnjax.io import builtin_models
+    from lnjax.world import world_model
+    where = f"--model {model or '(the default testbed)'} on --dataset {dataset}"
+    why = f"{table} has no {editor!r}" if table else "no table was tuned for that combination"
+    if model is None or world_model.is_model_dir(model) or builtin_models.is_builtin(model):
+        raise ValueError(f"no tuned learning rate for {editor!r} with {where} ({why}; see lnjax.app.hparams."
+                         f"tuned_table); pass --lr (and --alpha)")
+    default = defaults(registry_name(editor))
+    warnings.warn(f"no tuned learning rate for {editor!r} with {where} ({why}): using the editor's published "
+                  f"7-8B-model default lr {default['lr']:g}, alpha {default['alpha']:g}; pass --lr to choose",
+                  UserWarning, stacklevel=3)
+
+
 def resolve(editor: str, *, dataset: str, turns: int, lr: Optional[float] = None, alpha: Optional[float] = None,
             warmup_turns: Optional[int] = None, model: Optional[str] = None) -> dict:
-    """What a run of ``editor`` uses: ``lr`` and ``alpha`` (the given value, else on the ``"world"`` dataset the
-    value tuned for the default testbed (``model`` None, ``TESTBED_HPARAMS``) or for a world-model directory
-    (``WORLD_HPARAMS``), else the built-in ``model``'s (``MODEL_HPARAMS``), else the editor's default) and
-    ``warmup_turns`` (the given value, else ``turns // 10`` (at least 1) for StableEdit editors and 0 for the
-    others). For the model-running baselines and the meta-trained editors ``lr`` and ``alpha`` stay as given
-    (None: the editor's own settings; only FT takes an ``lr``; the hypernetworks learn theirs)."""
+    """What a run of ``editor`` uses: ``lr`` and ``alpha`` (the given value, else the value in the table
+    ``tuned_table(model, dataset)`` names, else the editor's default) and ``warmup_turns`` (the given value, else
+    ``turns // 10`` (at least 1) for StableEdit editors and 0 for the others). For the model-running baselines and the meta-trained editors ``lr`` and ``alpha`` stay as given
+    (None: the editor's own settings; only FT takes an ``lr``; the hypernetworks learn theirs). Without ``lr`` and
+    without a tuned one, a model lnjax ships is refused (ValueError) and any other checkpoint gets the editor's
+    published default with a warning (``_untuned``)."""
     if editor in MODEL_BASELINES or editor in META_TRAINED:
         return {"lr": lr, "alpha": alpha, "warmup_turns": warmup_turns or 0}
-    if dataset == "world":
-        tuned = TESTBED_HPARAMS if model is None else WORLD_HPARAMS
-    else:
-        tuned = MODEL_HPARAMS.get(model or "", {})
-    base = {**defaults(editor), **tuned.get(editor, {})}
+    if editor in RUN_ALIASES and not (dataset == "world" and model is None):
+        raise ValueError(f"{editor!r} is {RUN_ALIASES[editor]} at its lr tuned on the default testbed; elsewhere run "
+                         f"{RUN_ALIASES[editor]} with --lr")
+    table, tuned = tuned_table(model, dataset)
+    own = tuned.get(editor, {})
+    if lr is None and "lr" not in own:
+        _untuned(editor, model, dataset, table)
+    base = {**defaults(registry_name(editor)), **{k: own[k] for k in ("lr", "alpha") if k in own}}
     warm = warmup_turns if warmup_turns is not None else (max(1, turns // 10) if uses_warmup(editor) else 0)
     return {"lr": base["lr"] if lr is None else lr, "alpha": base["alpha"] if alpha is None else alpha,
             "warmup_turns": warm}
@@ -134,7 +210,7 @@ def resolve(editor: str, *, dataset: str, turns: int, lr: Optional[float] = None
 
 def help_text(field: str) -> str:
     """The ``lnjax run --help`` text of ``--lr`` or ``--alpha``: the per-editor defaults, from the tables above."""
-    testbed = ", ".join(f"{k} {v[field]:g}" for k, v in TESTBED_HPARAMS.items())
+    testbed = ", ".join(f"{k} {v[field]:g}" for k, v in FAIR_TESTBED_HPARAMS.items())
     world = ", ".join(f"{k} {v[field]:g}" for k, v in WORLD_HPARAMS.items())
     own = ", ".join(f"{k} {v[field]:g}" for k, v in EDITOR_DEFAULTS.items())
     what = "editor learning rate" if field == "lr" else "ridge strength"

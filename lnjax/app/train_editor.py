@@ -4,14 +4,17 @@ the lnjax cache root and resumed when interrupted)."""
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
 from typing import Callable, NamedTuple, Optional, Sequence
 
 from lnjax import data as data_lib
+from lnjax.core.options import fold
 from lnjax.core.protocol import Editor
 from lnjax.core.tree import frozen_and_kernels
+from lnjax.core.turns import REFERENCE_MINIBATCH_SIZE
 from lnjax.editors import hypernet as hn
 from lnjax.engine.meta import (MetaConfig, TrainTurns, default_configs, fingerprint, load_trained, save_trained, train,
                                training_turns)
@@ -27,17 +30,29 @@ def world_training_turns(n_edits: int, edits_per_turn: int, seed: int = 0) -> Tr
     return training_turns(data_lib.tokenize(records, w.tokenizer()), edits_per_turn)
 
 
-def trained_editor(name: str, model, targets: Sequence[str], *, cache_dir: Optional[str] = None,
-                   n_train: Optional[int] = None, edits_per_turn: int = 100, seed: int = 0,
-                   minibatch_size: int = 10, options: Optional[dict] = None, reset_at_eval: bool = False,
-                   progress: bool = True, log: Callable[[str], None] = print) -> Editor:
-    """Registry editor ``name`` (``rledit``, ``malmen_no_normalization``, ...) for ``model``, meta-trained on
-    the embedded world's training split (``n_train`` records, default all of it, in turns of
-    ``edits_per_turn``) unless a net trained with the same model, data and configs is cached in ``cache_dir``
-    (an interrupted training there resumes). ``options`` override ``default_configs`` fields by name (and may
-    carry ``n_train``, as ``lnjax run``'s editor options do)."""
-    plan = training_plan(name, model, targets, cache_dir=cache_dir, n_train=n_train, edits_per_turn=edits_per_turn,
-                         seed=seed, minibatch_size=minibatch_size, options=options)
+@dataclasses.dataclass(frozen=True)
+class TrainingOptions:
+    """How ``trained_editor`` (and ``training_plan``) meta-train: ``n_train`` records of the embedded world's
+    training split (None: all of it) in turns of ``edits_per_turn`` drawn with ``seed``, mini-batches of
+    ``minibatch_size``, ``options`` overriding ``default_configs`` fields by name (they may also carry ``n_train``,
+    as ``lnjax run``'s editor options do), the cache under ``cache_dir`` (None: ``hypernets/`` under the lnjax
+    cache root). Keyword arguments of those functions are folded into it (``lnjax.core.options.fold``)."""
+
+    cache_dir: Optional[str] = None
+    n_train: Optional[int] = None
+    edits_per_turn: int = 100
+    seed: int = 0
+    minibatch_size: int = REFERENCE_MINIBATCH_SIZE
+    options: Optional[dict] = None
+
+
+def trained_editor(name: str, model, targets: Sequence[str], training: Optional[TrainingOptions] = None, *,
+                   reset_at_eval: bool = False, progress: bool = True, log: Callable[[str], None] = print,
+                   **overrides) -> Editor:
+    """Registry editor ``name`` (``rledit``, ``malmen_no_normalization``, ...) for ``model``, meta-trained as
+    ``training`` (``TrainingOptions``, or its fields as keyword arguments) says, unless a net trained with the same
+    model, data and configs is cached in its cache directory (an interrupted training there resumes)."""
+    plan = training_plan(name, model, targets, fold(TrainingOptions, training, overrides, "trained_editor"))
     final = os.path.join(plan.directory, "trained")
     if os.path.isdir(final):
         log(f"{name}: using the meta-trained hypernetwork in {final}")
@@ -63,19 +78,19 @@ class TrainingPlan(NamedTuple):
     directory: str
 
 
-def training_plan(name: str, model, targets: Sequence[str], *, cache_dir: Optional[str] = None,
-                  n_train: Optional[int] = None, edits_per_turn: int = 100, seed: int = 0, minibatch_size: int = 10,
-                  options: Optional[dict] = None) -> TrainingPlan:
-    """The ``TrainingPlan`` of ``trained_editor`` with the same arguments (no training, no file access)."""
-    options = dict(options or {})
-    n_train = options.pop("n_train", n_train)
-    net, meta = default_configs(name, **{"minibatch_size": minibatch_size, **options})
+def training_plan(name: str, model, targets: Sequence[str], training: Optional[TrainingOptions] = None,
+                  **overrides) -> TrainingPlan:
+    """The ``TrainingPlan`` of ``trained_editor`` with the same ``training`` (no training, no file access)."""
+    run = fold(TrainingOptions, training, overrides, "training_plan")
+    options = dict(run.options or {})
+    n_train = options.pop("n_train", run.n_train)
+    net, meta = default_configs(name, **{"minibatch_size": run.minibatch_size, **options})
     n = n_train if n_train is not None else len(default_world().all_facts("train"))
-    turns = world_training_turns(n, edits_per_turn, seed)
+    turns = world_training_turns(n, run.edits_per_turn, run.seed)
     _, base = frozen_and_kernels(model.params, tuple(targets))
     key = hashlib.sha256(json.dumps(fingerprint(base, turns, net, meta), sort_keys=True).encode()).hexdigest()
     # the one cache root (lnjax.io.builtin_models.cache_dir), not a path relative to the working directory
-    cache_dir = cache_dir or os.path.join(builtin_models.cache_dir(), "hypernets")
+    cache_dir = run.cache_dir or os.path.join(builtin_models.cache_dir(), "hypernets")
     return TrainingPlan(net, meta, turns, {t: tuple(k.shape) for t, k in base.items()},
                         os.path.join(os.path.abspath(cache_dir), f"{name}-{key[:16]}"))
 
@@ -90,7 +105,7 @@ def add_cli(sub) -> None:
     p.add_argument("editors", help=f"comma-separated, from {','.join(sorted(hn.REGISTRY))}")
     p.add_argument("--n-train", type=int, default=None, help="training records (default: the whole split)")
     p.add_argument("--edits-per-turn", type=int, default=100)
-    p.add_argument("--minibatch-size", type=int, default=10)
+    p.add_argument("--minibatch-size", type=int, default=REFERENCE_MINIBATCH_SIZE)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a NetConfig/MetaConfig field, e.g. --set meta_lr=1e-3 --set n_epochs=3")

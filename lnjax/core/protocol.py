@@ -5,7 +5,8 @@ the editors over features share. ``lnjax.editors`` (the LN family and the regist
 
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping, NamedTuple
+import dataclasses
+from typing import Any, Callable, Mapping, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -57,6 +58,83 @@ class Editor(NamedTuple):
     update: Callable[..., tuple[dict, EditorState]]
     config: Any = None
     needs: frozenset = frozenset({"features"})
+
+
+def target_shapes(shapes: Mapping[str, Sequence[int]]) -> tuple[tuple[str, int, int], ...]:
+    """``(name, d_in, d_out)`` per target of ``shapes`` {target: (d_in, d_out)}, in the given order: the one check
+    of the target layout every editor's ``init`` makes (ValueError naming the target whose shape is not two
+    positive sizes)."""
+    out = []
+    for name, shape in shapes.items():
+        if len(shape) != 2 or min(shape) <= 0:
+            raise ValueError(f"target {name!r}: shape must be (d_in, d_out) with positive sizes, got {shape}")
+        out.append((name, int(shape[0]), int(shape[1])))
+    return tuple(out)
+
+
+COUNTERS = ("turns", "rejected")
+
+
+def _guarded_fields(state: EditCounters, diagnostics: Sequence[str]) -> dict:
+    """The fields of ``state`` a rejected turn restores: every pytree field but the counters and ``diagnostics``."""
+    return {f.name: getattr(state, f.name) for f in dataclasses.fields(state)
+            if f.metadata.get("pytree_node", True) and f.name not in COUNTERS and f.name not in diagnostics}
+
+
+def guard_turn(old: EditCounters, deltas: dict, proposed: EditCounters,
+               diagnostics: Sequence[str] = ()) -> tuple[dict, EditCounters]:
+    """One turn's outcome under ``reject_nonfinite``: ``(deltas, proposed)`` with ``turns`` counted when every
+    delta and every floating-point leaf the turn changed in ``proposed`` is finite; otherwise zero deltas,
+    ``old``'s fields back (``diagnostics`` fields excepted) and ``rejected`` counted. Traceable (jit, scan)."""
+    new_fields, old_fields = _guarded_fields(proposed, diagnostics), _guarded_fields(old, diagnostics)
+    new_leaves, tree = jax.tree_util.tree_flatten(new_fields)
+    old_leaves, old_tree = jax.tree_util.tree_flatten(old_fields)
+    if tree != old_tree:
+        raise ValueError(f"an editor's update changed its state's structure: {old_tree} -> {tree}")
+    # A leaf the update passed through (the same object, e.g. a frozen hypernetwork's θ) needs no check or select.
+    changed = [i for i, (a, b) in enumerate(zip(new_leaves, old_leaves)) if a is not b]
+    # A shift whose entries are finite but whose squared norm overflows float32 (a huge lr: entries ~1e30) is no
+    # edit either: it would leave weights that no later turn can correct, so it is rejected like an inf.
+    checks = [jnp.isfinite(jnp.sum(jnp.square(d.astype(jnp.float32)))) for d in deltas.values()]
+    checks += [jnp.all(jnp.isfinite(new_leaves[i])) for i in changed
+               if jnp.issubdtype(jnp.result_type(new_leaves[i]), jnp.inexact)]
+    finite = jnp.all(jnp.stack(checks))
+    kept = list(old_leaves)
+    for i in changed:
+        kept[i] = jnp.where(finite, new_leaves[i], old_leaves[i])
+    state = proposed.replace(**jax.tree_util.tree_unflatten(tree, kept),
+                             turns=old.turns + finite.astype(jnp.int32),
+                             rejected=old.rejected + (~finite).astype(jnp.int32))
+    return {n: jnp.where(finite, d, 0.0) for n, d in deltas.items()}, state
+
+
+def reject_nonfinite(editor: Editor, *, diagnostics: Sequence[str] = ()) -> Editor:
+    """``editor`` with every turn guarded against non-finite numbers: the one home of lnjax's non-finite-turn
+    rule, after optax's ``apply_if_finite`` (which skips an optimizer step whose updates are not finite).
+
+    The wrapped ``editor.update(features, state, ...)`` proposes ``(deltas, state')`` and leaves the counters
+    ``turns`` and ``rejected`` (``EditCounters``) alone. The guard then decides, inside the trace (a
+    ``jnp.where``, no Python branch, so it works under ``jit`` and in the engine's ``lax.scan``):
+
+    - **accepted** when every delta and every floating-point leaf of ``state'`` that the update changed is
+      finite: ``(deltas, state')`` with ``turns + 1``;
+    - **rejected** otherwise, whole: zero deltas (same shapes and dtypes), every field of the old ``state`` back
+      (statistics, caches, ...), ``turns`` unchanged and ``rejected + 1``. The fields named in
+      ``diagnostics`` (e.g. FT's ``loss``, MEMIT's ``z_loss``) report what the turn tried and are kept either way.
+
+    Unlike ``apply_if_finite`` there is no limit on consecutive rejections here: the engine's
+    ``on_nonfinite="stop"`` (``lnjax.engine.sequence.edit_sequence``) halts a run at the first one, which it
+    sees as ``rejected`` growing. Leaves the update passes through unchanged (the same object, e.g. a frozen
+    hypernetwork's θ) are neither checked nor selected, so the guard costs nothing for them. The wrapper keeps
+    ``editor``'s ``init``, ``config`` and ``needs``; ``guard_turn`` is the same rule for one proposal.
+    """
+    inner = editor.update
+
+    def update(features, state, *args, **kwargs):
+        deltas, proposed = inner(features, state, *args, **kwargs)
+        return guard_turn(state, deltas, proposed, diagnostics)
+
+    return editor._replace(update=update)
 
 
 def check_features(features: Mapping[str, Features], state: EditorState) -> dict:

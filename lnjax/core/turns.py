@@ -11,6 +11,11 @@ from flax import struct
 
 IGNORE = -100
 
+# Edits per forward/backward mini-batch within a turn, as the released UltraEdit/StableEdit/RLEdit code runs its
+# turns (the datasets' ``batch_size: 10``; docs/method.md §1): the mini-batch is the unit the features' loss is
+# averaged over and the statistics are merged by, so it changes results. Every lnjax default is this constant.
+REFERENCE_MINIBATCH_SIZE = 10
+
 
 @struct.dataclass
 class TurnBatch:

@@ -1,15 +1,23 @@
 """Readers for the published edit datasets in their exact JSON schemas (docs/method.md §10), and tokenization.
 
-Files are JSON arrays; the first ``n`` rows are used, in order, and the array is parsed incrementally so a 2M-row
-file is never held in memory twice (nor read past row ``n``). Every problem raises ``DataError`` naming the file,
-the row and the field; ``skip_bad_rows=True`` skips such rows instead and counts them (never silently).
+Files are JSON arrays (UTF-8); the first ``n`` usable rows are used, in order, and the array is parsed
+incrementally so a 2M-row file is never held in memory twice (nor read past what is needed). Two kinds of problem,
+both naming the file, the row and the field:
+
+- a row that cannot be an edit (a required text empty or missing, a duplicate of an earlier edit): ``UnusableRow``.
+  Files as distributed have such rows (MEND's ``zsre_mend_eval.json`` has empty ``alt`` targets), so ``read``
+  skips them and reports each one (``ReadReport.skipped``, and ``log``); ``strict=True`` raises instead.
+- anything else (invalid JSON or UTF-8, a file or row of the wrong layout, a number where a string belongs, a probe
+  longer than the maximum length): ``DataError``, always raised.
 """
 
 from __future__ import annotations
 
+import codecs
 import dataclasses
 import json
 import random
+import warnings
 from typing import Callable, Iterator, Optional, Sequence
 
 from lnjax.core.turns import probe_length
@@ -22,6 +30,19 @@ ZSRE_LAYOUTS = {"ultraedit": "ans", "mend": "alt"}
 
 
 from lnjax.core.errors import DataError  # noqa: E402,F401  (raised here; its home is lnjax.core.errors)
+
+
+class UnusableRow(DataError):
+    """A row that cannot be an edit (``reason``: a required text empty or missing, a duplicate): skipped and
+    reported by ``read`` and ``tokenize`` unless ``strict``. ``path``, ``row`` and ``field`` say where."""
+
+    def __init__(self, path: str, row: int, field: str, reason: str):
+        super().__init__(f"{path}: row {row}: field {field!r}: {reason}")
+        self.path, self.row, self.field, self.reason = path, row, field, reason
+
+    def as_dict(self) -> dict:
+        """The JSON record of a skipped row (``results.json``'s ``data.skipped``)."""
+        return {"file": self.path, "row": self.row, "field": self.field, "reason": self.reason}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,24 +65,49 @@ class EditRecord:
 
 @dataclasses.dataclass
 class ReadReport:
-    """What a reader did: rows read and rows skipped (with their errors) under ``skip_bad_rows``."""
+    """What a reader did: rows read, rows skipped as unusable (``UnusableRow.as_dict`` records: file, row, field,
+    reason) and the layout a multi-layout reader detected (``zsre``: ultraedit or mend)."""
 
     rows: int = 0
     skipped: list = dataclasses.field(default_factory=list)
-    layout: Optional[str] = None  # which layout a multi-layout reader detected (``zsre``: ultraedit or mend)
+    layout: Optional[str] = None
+
+    def skip(self, e: UnusableRow, strict: bool, log: Optional[Callable[[str], None]]) -> None:
+        """Record ``e`` (or raise it when ``strict``); ``log`` gets one line naming the row."""
+        if strict:
+            raise e
+        self.skipped.append(e.as_dict())
+        if log is not None:
+            log(f"{e}; row skipped (--strict makes this an error)")
 
 
 def iter_json_array(path: str, chunk_size: int = 1 << 20) -> Iterator[tuple[int, object]]:
-    """Yield ``(row, value)`` for each element of the JSON array in ``path``, reading ``chunk_size`` characters
-    at a time (memory: one chunk plus the element being parsed)."""
+    """Yield ``(row, value)`` for each element of the JSON array in ``path``, reading ``chunk_size`` bytes at a
+    time (memory: one chunk plus the element being parsed). DataError for bytes that are not UTF-8 (naming line and
+    byte offset), invalid JSON, or anything but one array (naming the row)."""
     decoder = json.JSONDecoder()
-    with open(path, "r", encoding="utf-8") as f:
-        buf, pos, eof = "", 0, False
+    utf8 = codecs.getincrementaldecoder("utf-8")()
+    try:
+        f = open(path, "rb")
+    except OSError as e:
+        raise DataError(f"{path}: cannot be read ({e.strerror})") from None
+    with f:
+        buf, pos, eof, row, offset, lines = "", 0, False, 0, 0, 0  # bytes and newlines read so far
 
         def fill() -> bool:
-            nonlocal buf, pos, eof
-            more = f.read(chunk_size)
-            if not more:
+            nonlocal buf, pos, eof, offset, lines
+            raw = f.read(chunk_size)
+            try:
+                pending = utf8.getstate()[0]
+                more = utf8.decode(raw, final=not raw)
+            except UnicodeDecodeError as e:
+                bad = e.start - len(pending)  # the bad byte's index in ``raw`` (negative: in the pending bytes)
+                line = lines + raw[:max(bad, 0)].count(b"\n") + 1
+                raise DataError(f"{path}: line {line}, byte {offset + bad}: not UTF-8 ({e.reason}; the file must "
+                                "be UTF-8 JSON)") from None
+            offset += len(raw)
+            lines += raw.count(b"\n")
+            if not raw:
                 eof = True
                 return False
             buf, pos = buf[pos:] + more, 0
@@ -70,7 +116,7 @@ def iter_json_array(path: str, chunk_size: int = 1 << 20) -> Iterator[tuple[int,
         def peek() -> Optional[str]:
             nonlocal pos
             while True:
-                while pos < len(buf) and buf[pos] in " \t\r\n":
+                while pos < len(buf) and buf[pos] in " \t\r\n\ufeff":  # (a UTF-8 byte-order mark too)
                     pos += 1
                 if pos < len(buf):
                     return buf[pos]
@@ -86,7 +132,6 @@ def iter_json_array(path: str, chunk_size: int = 1 << 20) -> Iterator[tuple[int,
         pos += 1
         if peek() == "]":
             return
-        row = 0
         while True:
             if peek() is None:
                 raise DataError(f"{path}: row {row}: file ends inside the JSON array")
@@ -103,6 +148,11 @@ def iter_json_array(path: str, chunk_size: int = 1 << 20) -> Iterator[tuple[int,
             row += 1
             c = peek()
             if c == "]":
+                pos += 1
+                after = peek()
+                if after is not None:
+                    raise DataError(f"{path}: unexpected {after!r} after the JSON array's closing ']' (two arrays, or "
+                                    "a damaged file?)")
                 return
             if c is None:
                 raise DataError(f"{path}: row {row}: file ends inside the JSON array")
@@ -120,15 +170,22 @@ class _Row:
         self.path, self.row, self.value = path, row, value
 
     def err(self, field: str, msg: str) -> DataError:
+        """A structural error (wrong type or layout): always raised."""
         return DataError(f"{self.path}: row {self.row}: field {field!r}: {msg}")
 
+    def unusable(self, field: str, reason: str) -> UnusableRow:
+        """The row cannot be an edit (empty or missing text): skipped unless strict."""
+        return UnusableRow(self.path, self.row, field, reason)
+
     def get(self, dotted: str, optional: bool = False):
-        node = self.value
-        for part in dotted.split("."):
-            if not isinstance(node, dict) or part not in node:
+        node, parts = self.value, dotted.split(".")
+        for i, part in enumerate(parts):
+            if not isinstance(node, dict):
+                raise self.err(".".join(parts[:i]), f"expected an object, found {type(node).__name__}")
+            if node.get(part) is None:  # absent or null
                 if optional:
                     return None
-                raise self.err(dotted, "missing")
+                raise self.unusable(dotted, "missing" if part not in node else "null")
             node = node[part]
         return node
 
@@ -139,25 +196,40 @@ class _Row:
         if not isinstance(v, str):
             raise self.err(dotted, f"expected a string, found {type(v).__name__}")
         if not v.strip():
-            raise self.err(dotted, "empty")
+            raise self.unusable(dotted, "empty")
         return v
 
     def text_list(self, dotted: str) -> list[str]:
         v = self.get(dotted)
-        if not isinstance(v, list) or not v:
+        if not isinstance(v, list):
             raise self.err(dotted, f"expected a non-empty list of strings, found {type(v).__name__}")
+        if not v:
+            raise self.unusable(dotted, "empty list")
         for i, x in enumerate(v):
-            if not isinstance(x, str) or not x.strip():
-                raise self.err(f"{dotted}[{i}]", "expected a non-empty string")
+            if not isinstance(x, str):
+                raise self.err(f"{dotted}[{i}]", f"expected a string, found {type(x).__name__}")
+            if not x.strip():
+                raise self.unusable(f"{dotted}[{i}]", "empty")
         return v
 
 
-def zsre_layout(r: "_Row") -> str:
-    """``"ultraedit"`` (target ``ans``) or ``"mend"`` (target ``alt``, with ``answers``) for a ZsRE row."""
-    for layout, field in ZSRE_LAYOUTS.items():
-        if field in r.value:
-            return layout
-    raise r.err("ans", "missing (neither UltraEdit's 'ans' nor MEND's 'alt' + 'answers' is present)")
+def zsre_layout(r: "_Row", known: Optional[str] = None) -> str:
+    """``"ultraedit"`` (target ``ans``) or ``"mend"`` (target ``alt``, with ``answers``) for a ZsRE row; with the
+    file's ``known`` layout, a row of the other layout (it has that layout's own field, ``ans`` or ``answers``, and
+    not this one's) is a DataError and a row without this layout's target an UnusableRow."""
+    if known is None:
+        for layout, field in ZSRE_LAYOUTS.items():
+            if field in r.value:
+                return layout
+        raise r.unusable("ans", "missing (neither UltraEdit's 'ans' nor MEND's 'alt' + 'answers' is present)")
+    own = {"ultraedit": "ans", "mend": "answers"}
+    other = next(layout for layout in ZSRE_LAYOUTS if layout != known)
+    if own[other] in r.value and own[known] not in r.value:
+        raise r.err(ZSRE_LAYOUTS[known], f"missing: the file is in the {known} layout (from its first row) but "
+                    f"this row is in the {other} layout")
+    if ZSRE_LAYOUTS[known] not in r.value:
+        raise r.unusable(ZSRE_LAYOUTS[known], "missing")
+    return known
 
 
 def _zsre(r: _Row, rng, layout: Optional[str] = None) -> EditRecord:
@@ -172,8 +244,12 @@ def _first_answer(r: _Row, field: str, value) -> str:
     """EasyEdit ground truths are a string, a list of strings, or a list of such lists; the first string."""
     while isinstance(value, list) and value:
         value = value[0]
-    if not isinstance(value, str) or not value.strip():
-        raise r.err(field, "expected a non-empty string or list of strings")
+    if value is None or value == []:
+        raise r.unusable(field, "missing")
+    if not isinstance(value, str):
+        raise r.err(field, f"expected a string or list of strings, found {type(value).__name__}")
+    if not value.strip():
+        raise r.unusable(field, "empty")
     return value
 
 
@@ -193,10 +269,14 @@ def _probe_items(r: _Row, field: str) -> list[tuple[str, str, str]]:
             raise r.err(where, "expected {'prompt', 'ground_truth'} or a non-empty list of them")
         prompt = item.get("prompt")
         prompt = prompt[0] if isinstance(prompt, list) and prompt else prompt
-        if not isinstance(prompt, str) or not prompt.strip():
-            raise r.err(f"{where}.prompt", "expected a non-empty string")
+        if prompt is None or prompt == []:
+            raise r.unusable(f"{where}.prompt", "missing")
+        if not isinstance(prompt, str):
+            raise r.err(f"{where}.prompt", f"expected a string, found {type(prompt).__name__}")
+        if not prompt.strip():
+            raise r.unusable(f"{where}.prompt", "empty")
         if "ground_truth" not in item:
-            raise r.err(f"{where}.ground_truth", "missing")
+            raise r.unusable(f"{where}.ground_truth", "missing")
         out.append((name, prompt, _first_answer(r, f"{where}.ground_truth", item["ground_truth"])))
     return out
 
@@ -211,7 +291,7 @@ def _easyedit(r: _Row, rng) -> EditRecord:
     else:
         items = _probe_items(r, "locality")
         if not items:
-            raise r.err("locality", "empty (no locality probe)")
+            raise r.unusable("locality", "empty (no locality probe)")
         _, loc, loc_ans = items[0]
     extra = tuple((f"portability.{name}", p, a) for name, p, a in _probe_items(r, "portability"))
     return EditRecord(r.text("prompt"), _first_answer(r, "target_new", r.get("target_new")), r.text(rephrase),
@@ -242,7 +322,7 @@ def _ultraeditbench(r: _Row, rng) -> EditRecord:
 def _counterfact(r: _Row, rng) -> EditRecord:
     template = r.text("requested_rewrite.prompt")
     if "{}" not in template:
-        raise r.err("requested_rewrite.prompt", "has no '{}' for the subject")
+        raise r.unusable("requested_rewrite.prompt", "has no '{}' for the subject")
     prompt = template.replace("{}", r.text("requested_rewrite.subject"))
     return EditRecord(prompt, r.text("requested_rewrite.target_new.str"), r.text_list("paraphrase_prompts")[0],
                       r.text_list("neighborhood_prompts")[0], r.text("requested_rewrite.target_true.str"),
@@ -254,46 +334,53 @@ _PARSERS: dict[str, Callable] = {"zsre": _zsre, "fever": _fever, "wikibigedit": 
                                  "easyedit": _easyedit}
 
 
-def read(dataset: str, path: str, n: Optional[int] = None, *, seed: int = 0, skip_bad_rows: bool = False,
-         report: Optional[ReadReport] = None) -> list[EditRecord]:
-    """The first ``n`` records (all when None) of ``path`` in ``dataset``'s schema.
+def read(dataset: str, path: str, n: Optional[int] = None, *, seed: int = 0, strict: bool = False,
+         report: Optional[ReadReport] = None, log: Optional[Callable[[str], None]] = None) -> list[EditRecord]:
+    """The first ``n`` usable records (all when None) of ``path`` in ``dataset``'s schema.
 
-    With ``skip_bad_rows`` a bad row is skipped and recorded in ``report.skipped``; fewer than ``n`` good rows
-    then raise. FEVER's paraphrase is a choice from ``equiv_prompt`` seeded by ``seed``. ZsRE files in either
-    layout are read (``ZSRE_LAYOUTS``): the first row decides, ``report.layout`` says which, and a row of the
-    other layout raises DataError.
+    A row that cannot be an edit (``UnusableRow``: a required text empty or missing, or the same prompt and target
+    as an earlier row) is skipped and recorded in ``report.skipped`` (one ``log`` line each; a warning when
+    neither ``report`` nor ``log`` is given); ``strict=True`` raises it instead. Every other problem raises
+    ``DataError``, as do fewer than ``n`` usable rows. FEVER's paraphrase is a choice from ``equiv_prompt`` seeded
+    by ``seed``. ZsRE files in either layout are read (``ZSRE_LAYOUTS``): the first usable row decides,
+    ``report.layout`` says which, and a row of the other layout raises DataError.
     """
     if dataset not in _PARSERS:
         raise ValueError(f"unknown dataset {dataset!r}; known: {DATASETS}")
     parse = _PARSERS[dataset]
     rng = random.Random(seed)
+    quiet = report is None and log is None
     report = report if report is not None else ReadReport()
-    out = []
+    skipped_before = len(report.skipped)
+    out, seen = [], {}
     for row, value in iter_json_array(path):
         if n is not None and len(out) >= n:
             break
         report.rows += 1
+        r = _Row(path, row, value)
         try:
-            r = _Row(path, row, value)
             if dataset == "zsre":
-                layout = zsre_layout(r)
-                if report.layout is None:
-                    report.layout = layout
-                elif layout != report.layout:
-                    raise r.err(ZSRE_LAYOUTS[report.layout], f"missing: the file is in the {report.layout} layout "
-                                f"(from its first row) but this row is in the {layout} layout")
+                layout = zsre_layout(r, report.layout)
                 rec = _zsre(r, rng, layout)
+                report.layout = layout
             else:
                 rec = parse(r, rng)
-        except DataError as e:
-            if not skip_bad_rows:
-                raise
-            report.skipped.append(str(e))
+            first = seen.setdefault((rec.prompt, rec.target), row)
+            if first != row:
+                raise r.unusable("prompt", f"the same edit (prompt and target) as row {first}")
+        except UnusableRow as e:
+            report.skip(e, strict, log)
             continue
         out.append(dataclasses.replace(rec, source=path, row=row))
+    skipped = len(report.skipped) - skipped_before
+    if quiet and skipped:
+        warnings.warn(f"{path}: {skipped} unusable rows skipped (the first: {report.skipped[skipped_before]}); "
+                      "pass a ReadReport to see them all, or strict=True to refuse them", stacklevel=2)
     if n is not None and len(out) < n:
+        first = report.skipped[skipped_before] if skipped else None
         raise DataError(f"{path}: {n} records were asked for, the file has {len(out)} usable rows"
-                        + (f" ({len(report.skipped)} skipped as bad)" if report.skipped else ""))
+                        + (f" ({skipped} skipped as unusable, the first: row {first['row']}: field "
+                           f"{first['field']!r}: {first['reason']})" if skipped else ""))
     return out
 
 
@@ -328,39 +415,60 @@ def subject_last(rec: EditRecord, tok) -> int:
     return len(tok.encode(rec.prompt[:end + len(rec.subject)])) - 1
 
 
-def tokenize(records: Sequence[EditRecord], tok, max_length: Optional[int] = None, *,
-             skip_bad_rows: bool = False, report: Optional[ReadReport] = None) -> list[TokenizedRecord]:
-    """Reference tokenization (docs/method.md §1): prompt with special tokens, ``" " + answer`` without.
+def encode_probe(tok, prompt: Optional[str], answer: str, source: str, row: int, field: str,
+                 answer_field: Optional[str] = None, max_length: Optional[int] = None) -> tuple[list, list]:
+    """``(prompt_ids, answer_ids)`` of one probe by the reference tokenization (docs/method.md §1: the prompt with
+    special tokens, ``" " + answer`` without). A prompt that is missing (None) or tokenizes to nothing, or an answer
+    that tokenizes to nothing, is an ``UnusableRow``; more than ``max_length`` tokens (prompt + answer - 1), or text
+    the tokenizer cannot encode, a ``DataError``; both name ``source``, ``row`` and the field (``field`` for the
+    prompt, ``answer_field`` (default ``field``) for the answer)."""
+    if prompt is None:  # a plain JSON-lines record (lnjax.data.plain) may leave its optional probes out
+        raise UnusableRow(source, row, field, "missing")
+    try:
+        p_ids = tok.encode(prompt)
+        a_ids = tok.encode(" " + answer, add_special_tokens=False)
+    except Exception as e:  # a tokenizer raises its own types for text it cannot encode
+        raise DataError(f"{source}: row {row}: field {field!r}: the tokenizer cannot encode it "
+                        f"({type(e).__name__}: {e})") from None
+    if not a_ids:
+        raise UnusableRow(source, row, answer_field or field, f"answer {answer!r} tokenizes to nothing")
+    if not p_ids:
+        raise UnusableRow(source, row, field, "prompt tokenizes to nothing")
+    if max_length is not None and probe_length(p_ids, a_ids) > max_length:
+        raise DataError(f"{source}: row {row}: field {field!r}: {probe_length(p_ids, a_ids)} tokens, more than the "
+                        f"maximum length {max_length} (--max-length)")
+    return p_ids, a_ids
 
-    An answer that tokenizes to nothing, or a probe longer than ``max_length`` tokens (prompt + answer - 1),
-    raises DataError naming file, row and field (or is skipped and counted with ``skip_bad_rows``).
-    """
-    out = []
+
+def tokenize_record(rec: EditRecord, tok, max_length: Optional[int] = None) -> TokenizedRecord:
+    """One record's probes tokenized (reference tokenization, docs/method.md §1: prompt with special tokens,
+    ``" " + answer`` without). An answer or prompt that tokenizes to nothing is an ``UnusableRow``; a probe longer
+    than ``max_length`` tokens (prompt + answer - 1), or text the tokenizer cannot encode, a ``DataError``; both
+    name file, row and field."""
+    probes = [("edit", rec.prompt, rec.target, "target"), ("paraphrase", rec.paraphrase, rec.target, "target"),
+              ("locality", rec.loc_prompt, rec.loc_answer, "loc_answer")]
+    probes += [(name, p, a, name) for name, p, a in rec.extra]
+    pairs = {name: encode_probe(tok, prompt, answer, rec.source, rec.row, name, answer_field, max_length)
+             for name, prompt, answer, answer_field in probes}
+    extra = {k: v for k, v in pairs.items() if k not in ("edit", "paraphrase", "locality")}
+    return TokenizedRecord(pairs["edit"], pairs["paraphrase"], pairs["locality"], extra, subject_last(rec, tok))
+
+
+def tokenize(records: Sequence[EditRecord], tok, max_length: Optional[int] = None, *, strict: bool = False,
+             report: Optional[ReadReport] = None, log: Optional[Callable[[str], None]] = None
+             ) -> list[TokenizedRecord]:
+    """``tokenize_record`` of each record; an ``UnusableRow`` is skipped and recorded in ``report`` (as ``read``
+    does; raised when ``strict``), every other error raised."""
+    quiet = report is None and log is None
+    report = report if report is not None else ReadReport()
+    out, before = [], len(report.skipped)
     for rec in records:
         try:
-            pairs = {}
-            probes = [("edit", rec.prompt, rec.target, "target"), ("paraphrase", rec.paraphrase, rec.target, "target"),
-                      ("locality", rec.loc_prompt, rec.loc_answer, "loc_answer")]
-            probes += [(name, p, a, name) for name, p, a in rec.extra]
-            for name, prompt, answer, answer_field in probes:
-                p_ids = tok.encode(prompt)
-                a_ids = tok.encode(" " + answer, add_special_tokens=False)
-                where = f"{rec.source}: row {rec.row}"
-                if not a_ids:
-                    raise DataError(f"{where}: field {answer_field!r}: answer {answer!r} tokenizes to nothing")
-                if not p_ids:
-                    raise DataError(f"{where}: field {name!r}: prompt tokenizes to nothing")
-                if max_length is not None and probe_length(p_ids, a_ids) > max_length:
-                    raise DataError(f"{where}: field {name!r}: {probe_length(p_ids, a_ids)} tokens, more than "
-                                    f"the configured length {max_length}")
-                pairs[name] = (p_ids, a_ids)
-        except DataError as e:
-            if not skip_bad_rows:
-                raise
-            if report is not None:
-                report.skipped.append(str(e))
-            continue
-        extra = {k: v for k, v in pairs.items() if k not in ("edit", "paraphrase", "locality")}
-        out.append(TokenizedRecord(pairs["edit"], pairs["paraphrase"], pairs["locality"], extra,
-                                   subject_last(rec, tok)))
+            out.append(tokenize_record(rec, tok, max_length))
+        except UnusableRow as e:
+            report.skip(e, strict, log)
+    if quiet and len(report.skipped) > before:
+        warnings.warn(f"{len(report.skipped) - before} unusable records skipped (the first: "
+                      f"{report.skipped[before]}); pass a ReadReport to see them all, or strict=True to refuse them",
+                      stacklevel=2)
     return out

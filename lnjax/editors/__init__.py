@@ -19,14 +19,16 @@ import jax.numpy as jnp
 
 from lnjax.core import ln
 from lnjax.core.features import Features
-from lnjax.editors.ft import ft
+# Bound under a private name: ``lnjax.editors.ft`` stays the FT module (FTConfig, ft_editor), the registry's "ft".
+from lnjax.editors.ft import ft as _ft
 from lnjax.editors.hypernet import REGISTRY as _META_TRAINED
 from lnjax.editors.locate import alphaedit, memit
-from lnjax.core.protocol import NEEDS, Editor, EditorState, check_features, fold_group_features, group_members
+from lnjax.core.protocol import (NEEDS, Editor, EditorState, check_features, fold_group_features, group_members,
+                                 reject_nonfinite, target_shapes)
 from lnjax.core.solve import METHODS, ridge_shift
 
 # Editor, EditorState and NEEDS live in lnjax.core.protocol and are re-exported here, where users look for them.
-__all__ = ["NEEDS", "REGISTRY", "Editor", "EditorState", "LNConfig", "alphaedit", "ft", "get", "key_metric",
+__all__ = ["NEEDS", "REGISTRY", "Editor", "EditorState", "LNConfig", "alphaedit", "get", "key_metric",
            "ln_editor", "memit", "no_normalization", "per_turn_normalization", "stableedit", "stableedit_algorithm1",
            "ultraedit"]
 
@@ -50,6 +52,7 @@ class LNConfig:
     nu0: Union[float, str] = 0.0
     eig_floor: float = 1e-6
     solve_method: str = "auto"
+    whitening: str = "eigh"
     key_metric: str = "identity"
     key_prior: float = 1e-2
 
@@ -75,6 +78,8 @@ class LNConfig:
             raise ValueError(f"lr and alpha must be >= 0, got lr={self.lr}, alpha={self.alpha}")
         if isinstance(self.nu0, str) and self.nu0 != "min":
             raise ValueError(f"nu0 must be a number or 'min' (d_out + 2), got {self.nu0!r}")
+        if self.whitening not in ln.WHITENING_METHODS:
+            raise ValueError(f"whitening must be one of {ln.WHITENING_METHODS}, got {self.whitening!r}")
         if self.whiten and self.normalization == "none":
             raise ValueError("whitening needs normalization statistics (normalization != 'none')")
         if self.key_metric not in KEY_METRICS:
@@ -92,12 +97,8 @@ def _as_bool(flag: Union[bool, jax.Array]) -> jax.Array:
 
 
 def _init_state(cfg: LNConfig, shapes: Mapping[str, tuple[int, int]]) -> EditorState:
-    targets = []
-    for name, shape in shapes.items():
-        if len(shape) != 2 or min(shape) <= 0:
-            raise ValueError(f"target {name!r}: shape must be (d_in, d_out) with positive sizes, got {shape}")
-        d_in, d_out = int(shape[0]), int(shape[1])
-        targets.append((name, d_in, d_out, _group_of(name, d_in, d_out, cfg.pooling)))
+    targets = [(name, d_in, d_out, _group_of(name, d_in, d_out, cfg.pooling))
+               for name, d_in, d_out in target_shapes(shapes)]
     stats = {}
     if cfg.keeps_stats:
         for _, d_in, d_out, group in targets:
@@ -131,7 +132,7 @@ def _whitening(cfg: LNConfig, new_stats: dict, warmup: jax.Array) -> dict:
         use = ln.can_whiten(stats, nu0) & (stats.count > 0)
         if not cfg.whiten_in_warmup:
             use = use & ~warmup
-        mat = jax.lax.cond(use, lambda s: ln.whitening_matrix(s, cfg.eps0, nu0, cfg.eig_floor),
+        mat = jax.lax.cond(use, lambda s: ln.whitening_matrix(s, cfg.eps0, nu0, cfg.eig_floor, cfg.whitening),
                            lambda s: jnp.eye(s.d_out, dtype=jnp.float32), stats)
         white[group] = (use, mat)
     return white
@@ -177,21 +178,11 @@ def _shifts(cfg: LNConfig, state: EditorState, features: Mapping[str, Features],
             if group in white:
                 use, mat = white[group]
                 g_hat = jnp.where(use, ln.whiten(stats, g, mat), g_hat)
-        values = -cfg.lr * jnp.sum(k_hat * k_hat, axis=1, keepdims=True) * g_hat
+        values = ln.value_step(k_hat, g_hat, cfg.lr)
         values = jnp.where(mask[:, None], values, 0.0)
         with jax.named_scope("solve"):
             deltas[name] = ridge_shift(k, values, cfg.alpha, mask, cfg.solve_method, metrics.get(group))
     return deltas
-
-
-def _reject_nonfinite(cfg: LNConfig, state: EditorState, deltas: dict, new_stats: dict):
-    """A non-finite shift is rejected whole: no weight change, statistics as before, ``rejected`` counted."""
-    finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(d)) for d in deltas.values()]))
-    deltas = {n: jnp.where(finite, d, 0.0) for n, d in deltas.items()}
-    kept_stats = new_stats if cfg.keeps_stats else state.stats
-    stats = jax.tree_util.tree_map(lambda a, b: jnp.where(finite, a, b), kept_stats, state.stats)
-    return deltas, state.replace(stats=stats, turns=state.turns + finite.astype(jnp.int32),
-                                 rejected=state.rejected + (~finite).astype(jnp.int32))
 
 
 def ln_editor(config: LNConfig) -> Editor:
@@ -199,7 +190,8 @@ def ln_editor(config: LNConfig) -> Editor:
 
     ``init(shapes)``: one statistics state per group of targets; ``update(features, state, warmup=False)``:
     statistics merged with the turn's rows, optional whitening, pseudo-values, ridge shifts
-    ({target: (d_in, d_out) float32}); a turn with a non-finite shift is rejected whole.
+    ({target: (d_in, d_out) float32}); a turn with a non-finite shift or statistics is rejected whole
+    (``lnjax.core.protocol.reject_nonfinite``: no weight change, statistics as before, ``rejected`` counted).
     """
     cfg = config
 
@@ -215,9 +207,9 @@ def ln_editor(config: LNConfig) -> Editor:
         with jax.named_scope("whitening"):
             white = _whitening(cfg, new_stats, _as_bool(warmup))
         deltas = _shifts(cfg, state, features, rows, new_stats, white)
-        return _reject_nonfinite(cfg, state, deltas, new_stats)
+        return deltas, state.replace(stats=new_stats if cfg.keeps_stats else state.stats)
 
-    return Editor(init=init, update=update, config=cfg)
+    return reject_nonfinite(Editor(init=init, update=update, config=cfg))
 
 
 def ultraedit(lr: float = 1e-6, alpha: float = 1.0, *,
@@ -238,19 +230,22 @@ def ultraedit(lr: float = 1e-6, alpha: float = 1.0, *,
 def stableedit(lr: float = 1e-6, alpha: float = 10.0, *, whiten: bool = True,
                variance: str = "exact", pooling: str = "shape", eps0: float = 0.0, nu0: Union[float, str] = 0.0,
                whiten_in_warmup: bool = False, eig_floor: float = 1e-6, solve_method: str = "auto",
-               key_metric: str = "identity", key_prior: float = 1e-2) -> Editor:
+               key_metric: str = "identity", key_prior: float = 1e-2, whitening: str = "eigh") -> Editor:
     """StableEdit as its released code runs it: lifelong LN (ddof=0 merge), full ZCA whitening of the value
     gradients once ``n > d_out + 1`` (diagonal before that and during warm-up), ridge ``α = 10``.
 
     The paper's Algorithm-1 reading: ``eps0 > 0`` (prior scatter ``ε0·I``), ``nu0`` prior degrees of freedom
     (a number, or ``"min"`` for ``d_out + 2``, the least that makes the estimate defined from the first row),
     ``pooling="target"``, ``whiten_in_warmup=True`` — see ``stableedit_algorithm1``. ``key_metric`` and
-    ``key_prior``: the key-preconditioned ridge, as in ``ultraedit``.
+    ``key_prior``: the key-preconditioned ridge, as in ``ultraedit``. ``whitening``: how the ZCA matrix is
+    computed (``lnjax.core.ln.whitening_matrix``): ``"eigh"``, the published eigendecomposition, or
+    ``"newton_schulz"``, matrix products only (for accelerators, where one large eigendecomposition per turn
+    costs more than the rest of the turn; BUILD.md, Performance).
     """
     return ln_editor(LNConfig(lr=lr, alpha=alpha, normalization="lifelong", variance=variance, pooling=pooling,
                               whiten=whiten, whiten_in_warmup=whiten_in_warmup, eps0=eps0, nu0=nu0,
                               eig_floor=eig_floor, solve_method=solve_method, key_metric=key_metric,
-                              key_prior=key_prior))
+                              key_prior=key_prior, whitening=whitening))
 
 
 def stableedit_algorithm1(lr: float = 1e-6,
@@ -285,7 +280,7 @@ REGISTRY = {
     "stableedit_algorithm1": stableedit_algorithm1,
     "no_normalization": no_normalization,
     "per_turn_normalization": per_turn_normalization,
-    "ft": ft,
+    "ft": _ft,
     "memit": memit,
     "alphaedit": alphaedit,
     **_META_TRAINED,   # rledit, malmen, mend and their *_no_normalization ablations (lnjax.editors.hypernet)

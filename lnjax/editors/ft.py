@@ -28,9 +28,9 @@ import jax.numpy as jnp
 import optax
 from flax import struct
 
-from lnjax.core.protocol import EditCounters, Editor
+from lnjax.core.protocol import EditCounters, Editor, reject_nonfinite, target_shapes
 from lnjax.models import get_module, with_module_leaf
-from lnjax.core.turns import IGNORE, TurnBatch
+from lnjax.core.turns import IGNORE, REFERENCE_MINIBATCH_SIZE, TurnBatch
 from lnjax.models.probe import token_log_likelihood
 
 OBJECTIVES = ("target_new", "prompt_last")
@@ -52,7 +52,7 @@ class FTConfig:
     lr: float = 5e-4
     num_steps: int = 25
     norm_constraint: Optional[float] = 5e-5
-    batch_size: int = 10
+    batch_size: int = REFERENCE_MINIBATCH_SIZE   # chunks of the turn pipeline's mini-batch size
     weight_decay: float = 0.0
     objective: str = "target_new"
     stop_loss: float = 1e-2
@@ -82,13 +82,8 @@ def edit_losses(logits: jax.Array, labels: jax.Array, objective: str) -> tuple[j
 
 def _ft_init(shapes: Mapping[str, tuple[int, int]]) -> FTState:
     """FT's ``init``: zero counters and losses for ``shapes`` {target: (d_in, d_out)}, in the given order."""
-    targets = []
-    for name, shape in shapes.items():
-        if len(shape) != 2 or min(shape) <= 0:
-            raise ValueError(f"target {name!r}: shape must be (d_in, d_out) with positive sizes, got {shape}")
-        targets.append((name, int(shape[0]), int(shape[1])))
     return FTState(loss=jnp.zeros((2,), jnp.float32), epochs=jnp.zeros((), jnp.int32),
-                   turns=jnp.zeros((), jnp.int32), rejected=jnp.zeros((), jnp.int32), targets=tuple(targets))
+                   turns=jnp.zeros((), jnp.int32), rejected=jnp.zeros((), jnp.int32), targets=target_shapes(shapes))
 
 
 def _chunk_edits(edit: TurnBatch, batch_size: int) -> tuple[int, jax.Array, jax.Array, jax.Array]:
@@ -159,17 +154,17 @@ def ft_editor(apply: Callable, cfg: FTConfig) -> Editor:
         w, _, epochs, first, last = jax.lax.while_loop(
             more, epoch, (w0, opt.init(w0), jnp.zeros((), jnp.int32), jnp.zeros(()), jnp.zeros(())))
         deltas = {n: w[n] - start32[n] for n in names}
-        finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(d)) for d in deltas.values()]))
-        deltas = {n: jnp.where(finite, d, 0.0) for n, d in deltas.items()}
-        return deltas, state.replace(loss=jnp.stack([first, last]), epochs=epochs,
-                                     turns=state.turns + finite.astype(jnp.int32),
-                                     rejected=state.rejected + (~finite).astype(jnp.int32))
+        return deltas, state.replace(loss=jnp.stack([first, last]), epochs=epochs)
 
-    return Editor(init=init, update=update, config=cfg, needs=frozenset({"params", "turn"}))
+    # A non-finite shift is rejected whole; the losses and epochs report the attempt either way.
+    return reject_nonfinite(Editor(init=init, update=update, config=cfg, needs=frozenset({"params", "turn"})),
+                            diagnostics=("loss", "epochs"))
 
 
-def ft(apply: Callable, *, lr: float = 5e-4, num_steps: int = 25, norm_constraint: Optional[float] = 5e-5,
-       batch_size: int = 10, weight_decay: float = 0.0, objective: str = "target_new") -> Editor:
+# The signature's defaults are FTConfig's (their one home), so the factory and the config cannot disagree.
+def ft(apply: Callable, *, lr: float = FTConfig.lr, num_steps: int = FTConfig.num_steps,
+       norm_constraint: Optional[float] = FTConfig.norm_constraint, batch_size: int = FTConfig.batch_size,
+       weight_decay: float = FTConfig.weight_decay, objective: str = FTConfig.objective) -> Editor:
     """Fine-tuning baseline: FT-M (``objective="target_new"``, default) or FT-L (``"prompt_last"``);
     ``norm_constraint=None`` for unconstrained FT. See the module docstring."""
     return ft_editor(apply, FTConfig(lr=lr, num_steps=num_steps, norm_constraint=norm_constraint,

@@ -42,8 +42,10 @@ import jax.numpy as jnp
 from flax import struct
 
 from lnjax.core import ln
-from lnjax.core.protocol import Editor, EditorState, check_features, fold_group_features, group_members
+from lnjax.core.protocol import (Editor, EditorState, check_features, fold_group_features, group_members,
+                                 reject_nonfinite, target_shapes)
 from lnjax.core.features import Features
+from lnjax.core.turns import REFERENCE_MINIBATCH_SIZE
 from lnjax.models.probe import TurnBatch, turn_features
 from lnjax.core.solve import METHODS, ridge_shift
 
@@ -96,13 +98,7 @@ class NetConfig:
 
 def target_layout(shapes: Mapping[str, tuple]) -> tuple:
     """``(name, d_in, d_out, group)`` per target in the given order; the group is the shape ``"d_inxd_out"``."""
-    out = []
-    for name, shape in shapes.items():
-        if len(shape) != 2 or min(shape) <= 0:
-            raise ValueError(f"target {name!r}: shape must be (d_in, d_out) with positive sizes, got {shape}")
-        d_in, d_out = int(shape[0]), int(shape[1])
-        out.append((name, d_in, d_out, f"{d_in}x{d_out}"))
-    return tuple(out)
+    return tuple((name, d_in, d_out, f"{d_in}x{d_out}") for name, d_in, d_out in target_shapes(shapes))
 
 
 def module_indices(targets: tuple) -> dict[str, tuple[str, int]]:
@@ -207,13 +203,27 @@ def fold_turn(cfg: NetConfig, stats: dict, features: Mapping[str, Features], row
     return out
 
 
+def shift_vjp(cfg: NetConfig, theta: dict, stats: dict, features: Mapping[str, Features],
+              targets: tuple) -> tuple[dict, Callable[[dict], dict]]:
+    """``(ΔW, pullback)``: the turn's shifts and ``pullback(grad_w) -> ∂L/∂θ``, the vector-Jacobian product of
+    θ ↦ ΔW(θ) with cotangent ``grad_w`` (name -> ``∂L/∂W`` (d_in, d_out) at ``W + ΔW``, taken in float32);
+    statistics and raw features are constants. Meta-training (``lnjax.engine.meta``) needs ΔW before it can
+    compute ``grad_w``, hence the two steps; ``meta_gradient`` is both at once."""
+    deltas, vjp = jax.vjp(lambda th: shifts(cfg, th, stats, features, targets), theta)
+
+    def pullback(grad_w: dict) -> dict:
+        (g_theta,) = vjp({n: grad_w[n].astype(jnp.float32) for n in deltas})
+        return g_theta
+
+    return deltas, pullback
+
+
 def meta_gradient(cfg: NetConfig, theta: dict, stats: dict, features: Mapping[str, Features], targets: tuple,
                   grad_w: dict) -> tuple[dict, dict]:
     """``(ΔW, ∂L/∂θ)``: the turn's shifts and the vector-Jacobian product of θ ↦ ΔW(θ) with cotangent
-    ``grad_w`` (name -> ``∂L/∂W`` (d_in, d_out) at ``W + ΔW``)."""
-    deltas, vjp = jax.vjp(lambda th: shifts(cfg, th, stats, features, targets), theta)
-    (g_theta,) = vjp({n: grad_w[n].astype(jnp.float32) for n in deltas})
-    return deltas, g_theta
+    ``grad_w`` (name -> ``∂L/∂W`` (d_in, d_out) at ``W + ΔW``); ``shift_vjp`` in one call."""
+    deltas, pullback = shift_vjp(cfg, theta, stats, features, targets)
+    return deltas, pullback(grad_w)
 
 
 def summary(theta: dict) -> dict:
@@ -249,13 +259,14 @@ class HypernetState(EditorState):
 
 
 def hypernet_editor(trained: Trained, *, reset_at_eval: bool = False, apply: Optional[Callable] = None,
-                    minibatch_size: int = 10) -> Editor:
+                    minibatch_size: int = REFERENCE_MINIBATCH_SIZE) -> Editor:
     """The evaluation-time editor of a trained hypernetwork: θ frozen, statistics updated per
     ``trained.config.normalization`` in the ``"eval"`` phase, ``reset_at_eval`` starting from empty statistics.
 
     With ``token="ans"`` the editor consumes the engine's features (``needs={"features"}``). With ``token="all"``
     (MEND) it computes its own rows at every attended position from ``params`` and ``turn`` with ``apply``
-    (``needs={"params", "turn"}``). A non-finite shift is rejected whole (zero deltas, state as before).
+    (``needs={"params", "turn"}``). A non-finite shift is rejected whole (``lnjax.core.protocol.reject_nonfinite``:
+    zero deltas, state as before).
     """
     cfg = trained.config
     if cfg.token == "all" and apply is None:
@@ -284,22 +295,18 @@ def hypernet_editor(trained: Trained, *, reset_at_eval: bool = False, apply: Opt
         rows = check_features(features, state)
         stats = fold_turn(cfg, state.stats, features, rows, state.targets, "eval")
         deltas = shifts(cfg, state.theta, stats, features, state.targets)
-        finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(d)) for d in deltas.values()]))
-        deltas = {n: jnp.where(finite, d, 0.0) for n, d in deltas.items()}
-        stats = jax.tree_util.tree_map(lambda a, b: jnp.where(finite, a, b), stats, state.stats)
-        new = state.replace(stats=stats, turns=state.turns + finite.astype(jnp.int32),
-                            rejected=state.rejected + (~finite).astype(jnp.int32))
-        return deltas, new
+        return deltas, state.replace(stats=stats)
 
     needs = frozenset({"params", "turn"}) if cfg.token == "all" else frozenset({"features"})
-    return Editor(init=init, update=update, config=cfg, needs=needs)
+    return reject_nonfinite(Editor(init=init, update=update, config=cfg, needs=needs))
 
 
-# The published configurations of the released code; normalization "none" is the Fig. 1a ablation.
+# The published configurations of the released code (the initial edit lr, 1e-6 for all three, is NetConfig.lr);
+# normalization "none" is the Fig. 1a ablation.
 FAMILIES = {
-    "malmen": NetConfig(kind="ridge", rank=1024, n_blocks=4, lr=1e-6, token="ans"),
-    "rledit": NetConfig(kind="ridge", rank=1024, n_blocks=4, lr=1e-6, token="ans"),
-    "mend": NetConfig(kind="mend", rank=1920, n_blocks=2, lr=1e-6, token="all"),
+    "malmen": NetConfig(kind="ridge", rank=1024, n_blocks=4, token="ans"),
+    "rledit": NetConfig(kind="ridge", rank=1024, n_blocks=4, token="ans"),
+    "mend": NetConfig(kind="mend", rank=1920, n_blocks=2, token="all"),
 }
 ABLATION_SUFFIX = "_no_normalization"
 
@@ -317,7 +324,7 @@ def _factory(name: str) -> Callable[..., Editor]:
     family, normalization = family_of(name)
 
     def make(trained: Optional[Trained] = None, *, reset_at_eval: bool = False, apply: Optional[Callable] = None,
-             minibatch_size: int = 10, **other) -> Editor:
+             minibatch_size: int = REFERENCE_MINIBATCH_SIZE, **other) -> Editor:
         if other:
             raise ValueError(f"{name}: options {sorted(other)} do not apply (lr and lamda are learned per module)")
         if trained is None:

@@ -43,7 +43,7 @@ import numpy as np
 import optax
 from flax import struct
 
-from lnjax.core.protocol import EditCounters, Editor
+from lnjax.core.protocol import EditCounters, Editor, reject_nonfinite, target_shapes
 from lnjax.core.features import is_concrete
 from lnjax.editors.key_stats import KeyStats, check_tapped, tap_inputs
 from lnjax.models import get_module, split_path, with_module_leaf
@@ -346,15 +346,13 @@ def generate_prefixes(apply: Callable, params, starts: Sequence[Sequence[int]], 
 def _ordered_targets(shapes: Mapping[str, tuple[int, int]]) -> tuple:
     targets = []
     seen: dict = {}
-    for name, shape in shapes.items():
-        if len(shape) != 2 or min(shape) <= 0:
-            raise ValueError(f"target {name!r}: shape must be (d_in, d_out) with positive sizes, got {shape}")
+    for name, d_in, d_out in target_shapes(shapes):
         blocks, index = block_path(name)
         if (blocks, index) in seen:
             raise ValueError(f"targets {seen[(blocks, index)]!r} and {name!r} are in the same block; MEMIT and "
                              "AlphaEdit edit one module per block")
         seen[(blocks, index)] = name
-        targets.append((index, name, int(shape[0]), int(shape[1])))
+        targets.append((index, name, d_in, d_out))
     d_outs = {t[3] for t in targets}
     if len(d_outs) != 1:
         raise ValueError(f"edited modules must all write the residual stream (one d_out); got {sorted(d_outs)}")
@@ -441,17 +439,13 @@ def locate_editor(apply: Callable, stats: Mapping[str, KeyStats], cfg: LocateCon
         if cfg.method == "alphaedit":
             keys, _ = keys_and_z(apply, current, rows, pos, w, E, z_target, names)
             cache = {n: cache[n] + jnp.matmul((keys[n] * vmask).T, keys[n] * vmask, precision=_HP) for n in names}
-        # A non-finite shift is rejected whole: no weight change, state as before.
-        finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(d)) for d in deltas.values()]))
-        deltas = {n: jnp.where(finite, d, 0.0) for n, d in deltas.items()}
-        cache = jax.tree_util.tree_map(lambda a, b: jnp.where(finite, a, b), cache, state.cache_c)
         n_valid = jnp.maximum(jnp.sum(vmask), 1.0)
         z_loss = jnp.sum(z_losses, axis=1) / n_valid
-        new_state = state.replace(cache_c=cache, z_loss=z_loss, turns=state.turns + finite.astype(jnp.int32),
-                                  rejected=state.rejected + (~finite).astype(jnp.int32))
-        return deltas, new_state
+        return deltas, state.replace(cache_c=cache, z_loss=z_loss)
 
-    return Editor(init=init, update=update, config=cfg, needs=frozenset({"params", "turn"}))
+    # A non-finite shift is rejected whole (no weight change, key cache as before); z_loss reports the attempt.
+    return reject_nonfinite(Editor(init=init, update=update, config=cfg, needs=frozenset({"params", "turn"})),
+                            diagnostics=("z_loss",))
 
 
 def memit(apply: Callable, stats: Mapping[str, KeyStats], **options) -> Editor:

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from lnjax.core.turns import IGNORE, EditTurn, TurnBatch
+from lnjax.core.turns import IGNORE, REFERENCE_MINIBATCH_SIZE, EditTurn, TurnBatch
 from lnjax.core.metrics import token_accuracy
 from lnjax.core.protocol import NEEDS, Editor, EditorState
 from lnjax.core.tree import frozen_and_kernels, get_module, join, with_module_leaf  # noqa: F401  (re-exported)
@@ -137,9 +137,9 @@ def _check_needs(editor: Editor) -> None:
         raise ValueError(f"editor needs {sorted(editor.needs)}: must be a non-empty subset of {sorted(NEEDS)}")
 
 
-def make_turn_fn(apply: Callable, editor: Editor, targets: Sequence[str], *, minibatch_size: int = 10,
-                 max_rows: Optional[int] = None, track_accuracy: bool = False,
-                 stop_on_nonfinite: bool = False) -> Callable:
+def make_turn_fn(apply: Callable, editor: Editor, targets: Sequence[str], *,
+                 minibatch_size: int = REFERENCE_MINIBATCH_SIZE, max_rows: Optional[int] = None,
+                 track_accuracy: bool = False, stop_on_nonfinite: bool = False) -> Callable:
     """The scan body ``turn(carry, frozen, (batch, is_warmup, active)) -> (carry, diagnostics)``.
 
     ``batch`` is one turn as a TurnBatch [E, L] or an EditTurn. One turn: the editor's inputs on the pre-turn

@@ -41,7 +41,7 @@ import optax
 from flax import struct
 
 from lnjax.editors import hypernet as hn
-from lnjax.core.turns import pack_turns
+from lnjax.core.turns import REFERENCE_MINIBATCH_SIZE, pack_turns
 from lnjax.io.checkpoint import RunCheckpointer, load, save
 from lnjax.core.protocol import Editor, EditorState, check_features
 from lnjax.models.probe import TurnBatch, minibatch_weights, token_log_likelihood, turn_features
@@ -65,7 +65,7 @@ class MetaConfig:
     loc_coef: float = 0.6
     max_grad_norm: float = 1.0
     n_epochs: int = 1
-    minibatch_size: int = 10
+    minibatch_size: int = REFERENCE_MINIBATCH_SIZE
     time_decay: float = 0.95
     back_depth: int = 10
     reg_coef: float = 1e-4
@@ -181,14 +181,13 @@ def _clip(tree, max_norm: float):
     return optax.clip_by_global_norm(max_norm).update(tree, optax.EmptyState())[0]
 
 
-def _theta_grad(meta: MetaConfig, names: tuple, deltas: dict, vjp: Callable, grad_w: dict):
-    """The hypernet gradient (θ's pytree): the vjp of θ ↦ ΔW with cotangent ``G_W`` {target: (d_in, d_out)} in
-    float32, plus ``2·reg_coef·ΔW`` when ``meta.reg_mode == "live"``."""
+def _theta_grad(meta: MetaConfig, names: tuple, deltas: dict, pullback: Callable, grad_w: dict):
+    """The hypernet gradient (θ's pytree): ``pullback`` (``hypernet.shift_vjp``, the vjp of θ ↦ ΔW) of the
+    cotangent ``G_W`` {target: (d_in, d_out)} in float32, plus ``2·reg_coef·ΔW`` when ``meta.reg_mode == "live"``."""
     grad_w = {t: grad_w[t].astype(jnp.float32) for t in names}
     if meta.reg_mode == "live":
         grad_w = {t: grad_w[t] + 2.0 * meta.reg_coef * deltas[t] for t in names}
-    (g_theta,) = vjp(grad_w)
-    return g_theta
+    return pullback(grad_w)
 
 
 def _malmen_loss(apply: Callable, frozen: dict, ref: jax.Array, para: TurnBatch, loc: TurnBatch,
@@ -268,8 +267,8 @@ def make_turn_step(apply: Callable, targets: tuple, net: hn.NetConfig, meta: Met
         feats, edit_loss, n_rows = turn_features(apply, params, names, edit, minibatch_size=mbs,
                                                  max_rows=max_rows, positions=positions)
         stats = hn.fold_turn(net, stats, feats, _rows(feats, targets), targets, "train")
-        deltas, vjp = jax.vjp(lambda th: hn.shifts(net, th, stats, feats, targets), theta)
-        return stats, deltas, vjp, edit_loss, n_rows
+        deltas, pullback = hn.shift_vjp(net, theta, stats, feats, targets)
+        return stats, deltas, pullback, edit_loss, n_rows
 
     def edited(kernels, deltas):
         return {t: kernels[t] + deltas[t].astype(kernels[t].dtype) for t in names}
@@ -277,11 +276,11 @@ def make_turn_step(apply: Callable, targets: tuple, net: hn.NetConfig, meta: Met
     def malmen_step(state: MetaState, frozen, base, batch):
         edit, para, loc = batch
         params = join(frozen, base)
-        stats, deltas, vjp, edit_loss, n_rows = features_and_shift(state.theta, state.stats, params, edit)
+        stats, deltas, pullback, edit_loss, n_rows = features_and_shift(state.theta, state.stats, params, edit)
         ref = jax.lax.stop_gradient(apply(params, loc.input_ids, loc.attention_mask))
         loss_fn = _malmen_loss(apply, frozen, ref, para, loc, meta)
         (_, (gen, kl)), grad_w = jax.value_and_grad(loss_fn, has_aux=True)(edited(base, deltas))
-        g_theta = _theta_grad(meta, names, deltas, vjp, grad_w)
+        g_theta = _theta_grad(meta, names, deltas, pullback, grad_w)
         updates, opt_state = opt.update(g_theta, state.opt_state, state.theta)
         theta = optax.apply_updates(state.theta, updates)
         diag = _diagnostics(gen, kl, edit_loss, g_theta, deltas, names, n_rows)
@@ -291,12 +290,12 @@ def make_turn_step(apply: Callable, targets: tuple, net: hn.NetConfig, meta: Met
         del base  # the trajectory model is state.kernels
         edit, para, loc = batch
         params = join(frozen, state.kernels)
-        stats, deltas, vjp, edit_loss, n_rows = features_and_shift(state.theta, state.stats, params, edit)
+        stats, deltas, pullback, edit_loss, n_rows = features_and_shift(state.theta, state.stats, params, edit)
         hist_para, hist_loc, hist_len, slot_w = _push_history(state, para, loc, meta)
         loss_fn = _rledit_loss(apply, frozen, params, slot_w, hist_para, hist_loc, meta)
         new_kernels = edited(state.kernels, deltas)
         (_, (gen, kl)), grad_w = jax.value_and_grad(loss_fn, has_aux=True)(new_kernels)
-        g_theta = _theta_grad(meta, names, deltas, vjp, grad_w)
+        g_theta = _theta_grad(meta, names, deltas, pullback, grad_w)
         acc = _clip(jax.tree_util.tree_map(jnp.add, state.acc, g_theta), meta.max_grad_norm)
         diag = _diagnostics(gen, kl, edit_loss, g_theta, deltas, names, n_rows)
         return state.replace(stats=stats, acc=acc, kernels=new_kernels, hist_para=hist_para, hist_loc=hist_loc,

@@ -10,12 +10,16 @@ and the previous shifts; the frozen weights are a separate, non-donated argument
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 from typing import Any, Callable, Optional, Sequence
 
 import jax
 import numpy as np
 
+from lnjax.core.placement import to_host
+from lnjax.core.options import fold
+from lnjax.core.turns import REFERENCE_MINIBATCH_SIZE
 from lnjax.editors import Editor, EditorState
 from lnjax.engine import (WARMUP_POSITIONS, RunCarry, edit_accuracy, edit_batch, frozen_and_kernels,  # noqa: F401
                      init_carry, join, make_chunk_fn, make_turn_fn, required_rows, schedule, schedule_indices,
@@ -91,7 +95,9 @@ class ChunkEnd:
 
     def params(self):
         """The full edited parameters after this chunk."""
-        return join(self.run.frozen, self.run.carry.kernels)
+        params = join(self.run.frozen, self.run.carry.kernels)
+        # several processes: whole arrays on each, so that hooks evaluate on their own devices
+        return to_host(params) if jax.process_count() > 1 else params
 
 
 class Hook:
@@ -195,27 +201,77 @@ class Checkpointing(Hook):
             self.ckpt.save(end.turns_done, end.carry, self.fp, end.host_state)
 
 
-def prepare(model, editor: Editor, batches, targets: Sequence[str], *, warmup=None, warmup_at: str = "start",
-            chunk: int = 10, minibatch_size: int = 10, max_rows: Optional[int] = None, track_accuracy: bool = False,
-            editor_state: Optional[EditorState] = None, on_nonfinite: str = "skip", mesh=None,
-            host_state: Optional[dict] = None, log: Callable[[str], None] = print) -> tuple[Run, Callable]:
+def compiled_chunk_fn(apply: Callable, editor: Editor, targets: tuple, minibatch_size: int, max_rows: int,
+                      track_accuracy: bool, stop_on_nonfinite: bool) -> Callable:
+    """The jitted chunk function of a run (``make_chunk_fn`` of ``make_turn_fn``), one per distinct arguments:
+    runs of the same editor object on turns of the same shapes (e.g. several edit seeds) compile once. An
+    argument that cannot be hashed (an editor holding a list, say) gets a fresh function every time."""
+    try:
+        return _cached_chunk_fn(apply, editor, targets, minibatch_size, max_rows, track_accuracy, stop_on_nonfinite)
+    except TypeError:  # unhashable: no cache
+        return _build_chunk_fn(apply, editor, targets, minibatch_size, max_rows, track_accuracy, stop_on_nonfinite)
+
+
+def _build_chunk_fn(apply, editor, targets, minibatch_size, max_rows, track_accuracy, stop_on_nonfinite):
+    return make_chunk_fn(make_turn_fn(apply, editor, targets, minibatch_size=minibatch_size, max_rows=max_rows,
+                                      track_accuracy=track_accuracy, stop_on_nonfinite=stop_on_nonfinite))
+
+
+_cached_chunk_fn = functools.lru_cache(maxsize=16)(_build_chunk_fn)
+
+
+@dataclasses.dataclass(frozen=True)
+class SequenceOptions:
+    """How ``edit_sequence`` (and ``prepare``) run a sequence: everything but the model, the editor, the edits and
+    the targets. ``edit_sequence(model, editor, batches, targets, SequenceOptions(chunk=2))`` and
+    ``edit_sequence(model, editor, batches, targets, chunk=2)`` are the same call: keyword arguments are folded
+    into the options (over the given ones). See ``edit_sequence`` for what each field does."""
+
+    warmup: Any = None
+    warmup_at: str = "start"
+    chunk: int = 10
+    minibatch_size: int = REFERENCE_MINIBATCH_SIZE
+    max_rows: Optional[int] = None
+    track_accuracy: bool = False
+    editor_state: Optional[EditorState] = None
+    on_nonfinite: str = "skip"
+    mesh: Any = None
+    host_state: Optional[dict] = None
+    log: Callable[[str], None] = print
+    progress: bool = True
+    callback: Optional[Callable[[int, RunCarry, dict], None]] = None
+    hooks: Sequence[Hook] = ()
+    checkpoint_dir: Optional[str] = None
+    checkpoint_every: int = 1
+    resume: bool = False
+    run_config: Optional[dict] = None
+
+    def __post_init__(self):
+        if self.chunk < 1:
+            raise ValueError(f"chunk must be >= 1, got {self.chunk}")
+        if self.on_nonfinite not in ("skip", "stop"):
+            raise ValueError(f"on_nonfinite must be 'skip' or 'stop', got {self.on_nonfinite!r}")
+
+
+def prepare(model, editor: Editor, batches, targets: Sequence[str], options: Optional[SequenceOptions] = None,
+            **overrides) -> tuple[Run, Callable]:
     """The ``Run`` (schedule, initial carry, placed on ``mesh`` when given) and the compiled chunk function of
-    ``edit_sequence`` (same arguments); nothing runs yet."""
-    if chunk < 1:
-        raise ValueError(f"chunk must be >= 1, got {chunk}")
-    if on_nonfinite not in ("skip", "stop"):
-        raise ValueError(f"on_nonfinite must be 'skip' or 'stop', got {on_nonfinite!r}")
+    ``edit_sequence`` (same arguments; of the options it reads the run's setup: ``warmup``, ``warmup_at``,
+    ``chunk``, ``minibatch_size``, ``max_rows``, ``track_accuracy``, ``editor_state``, ``on_nonfinite``, ``mesh``,
+    ``host_state``, ``log``); nothing runs yet."""
+    o = fold(SequenceOptions, options, overrides, "prepare")
+    warmup, max_rows, mesh = o.warmup, o.max_rows, o.mesh
     batches = jax.tree_util.tree_map(np.asarray, batches)
     warmup = None if warmup is None else jax.tree_util.tree_map(np.asarray, warmup)
-    turns, flags, target_turn = schedule(batches, warmup, warmup_at)
+    turns, flags, target_turn = schedule(batches, warmup, o.warmup_at)
     need = required_rows(turns)
     if max_rows is None:
         max_rows = need
     elif max_rows < need:
         raise ValueError(f"max_rows={max_rows} is smaller than the {need} supervised positions of the largest turn")
-    turn = make_turn_fn(model.apply, editor, targets, minibatch_size=minibatch_size, max_rows=max_rows,
-                        track_accuracy=track_accuracy, stop_on_nonfinite=on_nonfinite == "stop")
-    frozen, carry = init_carry(model.params, editor, targets, editor_state)
+    chunk_fn = compiled_chunk_fn(model.apply, editor, tuple(targets), o.minibatch_size, max_rows, o.track_accuracy,
+                                 o.on_nonfinite == "stop")
+    frozen, carry = init_carry(model.params, editor, targets, o.editor_state)
     if mesh is not None:
         from lnjax.engine.sharding import replicate, shard_params
         frozen = shard_params(frozen, mesh)
@@ -223,9 +279,9 @@ def prepare(model, editor: Editor, batches, targets: Sequence[str], *, warmup=No
                               prev_deltas=shard_params(carry.prev_deltas, mesh),
                               editor_state=replicate(carry.editor_state, mesh), halted=replicate(carry.halted, mesh))
     run = Run(turns=turns, is_warmup=flags, target_turn=target_turn, carry=carry, frozen=frozen, editor=editor,
-              targets=tuple(targets), chunk=chunk, minibatch_size=minibatch_size,
-              host_state=host_state if host_state is not None else {}, log=log)
-    return run, make_chunk_fn(turn)
+              targets=tuple(targets), chunk=o.chunk, minibatch_size=o.minibatch_size,
+              host_state=o.host_state if o.host_state is not None else {}, log=o.log)
+    return run, chunk_fn
 
 
 def run_chunks(run: Run, chunk_fn: Callable, hooks: Sequence[Hook] = (), mesh=None) -> Run:
@@ -240,7 +296,7 @@ def run_chunks(run: Run, chunk_fn: Callable, hooks: Sequence[Hook] = (), mesh=No
             xs = (shard_turns(xs[0], mesh), xs[1], xs[2])
         run.carry, diag = chunk_fn(run.carry, run.frozen, xs)
         n = min(run.chunk, run.total - start)
-        part = jax.tree_util.tree_map(lambda a: np.asarray(a)[:n], diag)
+        part = jax.tree_util.tree_map(lambda a: a[:n], to_host(diag))
         run.collected.append(part)
         end = ChunkEnd(run=run, start=start, turns_done=start + n, diagnostics=part)
         for h in hooks:
@@ -254,20 +310,16 @@ def run_chunks(run: Run, chunk_fn: Callable, hooks: Sequence[Hook] = (), mesh=No
     return run
 
 
-def edit_sequence(model, editor: Editor, batches, targets: Sequence[str], *, warmup=None, warmup_at: str = "start",
-                  chunk: int = 10, minibatch_size: int = 10, max_rows: Optional[int] = None,
-                  track_accuracy: bool = False, editor_state: Optional[EditorState] = None, progress: bool = True,
-                  callback: Optional[Callable[[int, RunCarry, dict], None]] = None,
-                  checkpoint_dir: Optional[str] = None, checkpoint_every: int = 1, resume: bool = False,
-                  host_state: Optional[dict] = None, run_config: Optional[dict] = None,
-                  on_nonfinite: str = "skip", log: Callable[[str], None] = print, mesh=None,
-                  hooks: Sequence[Hook] = ()) -> SequenceResult:
+def edit_sequence(model, editor: Editor, batches, targets: Sequence[str],
+                  options: Optional[SequenceOptions] = None, **overrides) -> SequenceResult:
     """Apply ``batches`` one turn after another to ``model`` (``.params``, ``.apply``).
 
     ``batches``: a TurnBatch [T, E, L], or an ``EditTurn`` with leading axis T for editors whose ``needs`` hold
     ``"turn"``. ``warmup`` (same type, [R, ...]) is inserted as a block at ``warmup_at`` (start | q1 | middle |
     q3 | end | none); warm-up turns update statistics and weights but ``editor.update`` gets ``warmup=True``.
-    ``max_rows`` defaults to the most supervised positions of any turn.
+    ``max_rows`` defaults to the most supervised positions of any turn. ``minibatch_size``: edits per mini-batch
+    of the features' loss (``REFERENCE_MINIBATCH_SIZE``); ``chunk``: turns per compiled chunk; ``editor_state``:
+    start from this state instead of ``editor.init``; ``track_accuracy``: each turn's edit accuracy after its shift.
 
     Hooks after each chunk, in order: a progress bar (``progress``), ``hooks`` (e.g. ``Evaluation``),
     ``callback(turns_done, carry, chunk_diagnostics)`` and, with ``checkpoint_dir``, ``Checkpointing`` (every
@@ -277,16 +329,18 @@ def edit_sequence(model, editor: Editor, batches, targets: Sequence[str], *, war
     ``"stop"`` halts the run at that turn and raises ``NonFiniteShift`` (after checkpointing). With a ``mesh``
     (``lnjax.engine.sharding``), weights are split over its ``model`` axis and each turn's edits over its ``data`` axis.
 
+    Every setting is a field of ``options`` (``SequenceOptions``) and may be given as a keyword argument instead
+    (``edit_sequence(model, editor, batches, targets, chunk=2, progress=False)``), which wins over ``options``.
+
     Returns a ``SequenceResult``; diagnostics also carry ``warmup`` [S] and ``target_turn`` [S] (-1 for warm-up).
     """
-    run, chunk_fn = prepare(model, editor, batches, targets, warmup=warmup, warmup_at=warmup_at, chunk=chunk,
-                            minibatch_size=minibatch_size, max_rows=max_rows, track_accuracy=track_accuracy,
-                            editor_state=editor_state, on_nonfinite=on_nonfinite, mesh=mesh,
-                            host_state=host_state, log=log)
-    all_hooks = ([ProgressBar()] if progress else []) + list(hooks) + ([Callback(callback)] if callback else [])
-    if checkpoint_dir is not None:
-        all_hooks.append(Checkpointing(checkpoint_dir, checkpoint_every, resume, run_config))
-    run_chunks(run, chunk_fn, all_hooks, mesh)
+    o = fold(SequenceOptions, options, overrides, "edit_sequence")
+    run, chunk_fn = prepare(model, editor, batches, targets, o)
+    all_hooks = ([ProgressBar()] if o.progress else []) + list(o.hooks) + \
+        ([Callback(o.callback)] if o.callback else [])
+    if o.checkpoint_dir is not None:
+        all_hooks.append(Checkpointing(o.checkpoint_dir, o.checkpoint_every, o.resume, o.run_config))
+    run_chunks(run, chunk_fn, all_hooks, o.mesh)
     diagnostics = _concat(run.collected)
     diagnostics["warmup"] = run.is_warmup
     diagnostics["target_turn"] = run.target_turn

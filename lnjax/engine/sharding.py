@@ -15,6 +15,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from lnjax.core.placement import put
+
 AXES = ("data", "model")
 
 
@@ -51,25 +53,25 @@ def param_sharding(tree: Any, mesh: Mesh) -> Any:
 
 
 def shard_params(tree: Any, mesh: Mesh) -> Any:
-    """``tree`` placed on ``mesh`` with ``param_sharding``."""
-    return jax.device_put(tree, param_sharding(tree, mesh))
+    """``tree`` placed on ``mesh`` with ``param_sharding`` (``lnjax.core.placement.put``: also across processes)."""
+    return jax.tree_util.tree_map(put, tree, param_sharding(tree, mesh))
 
 
 def replicate(tree: Any, mesh: Mesh) -> Any:
     """``tree`` replicated on every device of ``mesh``."""
-    return jax.device_put(tree, NamedSharding(mesh, P()))
+    return jax.tree_util.tree_map(lambda x: put(x, NamedSharding(mesh, P())), tree)
 
 
 def shard_turns(tree: Any, mesh: Mesh, axis: int = 1) -> Any:
     """Turn arrays ([K, E, L] ...) with the edit axis ``axis`` split over ``data`` (when divisible)."""
     d = mesh.shape["data"]
 
-    def put(x):
+    def place(x):
         x = np.asarray(x)
         if x.ndim > axis and x.shape[axis] % d == 0 and d > 1:
             spec = [None] * x.ndim
             spec[axis] = "data"
-            return jax.device_put(x, NamedSharding(mesh, P(*spec)))
-        return jax.device_put(x, NamedSharding(mesh, P()))
+            return put(x, NamedSharding(mesh, P(*spec)))
+        return put(x, NamedSharding(mesh, P()))
 
-    return jax.tree_util.tree_map(put, tree)
+    return jax.tree_util.tree_map(place, tree)

@@ -11,6 +11,13 @@ teacher-forced argmax is right at every answer position (by induction over the a
 sees exactly the teacher-forced prefix). ``evaluate`` therefore reads it off the teacher-forced predictions
 (``exact_match``), which saves ``len(answer)`` full forward passes per probe; ``greedy_exact_match`` is the
 decoding loop itself, kept as the reference the tests compare against.
+
+Every metric reads the argmax at the supervised positions only, so ``predictions`` computes nothing else: the
+rows of all probe sets are pooled, sorted by length and cut into length buckets (``plan_buckets``: each bucket
+padded to its own longest row, never to the longest probe of the set), each bucket runs in calls of a row count
+fitted to it, and the vocabulary projection (``Model.head``) is applied to the gathered hidden states of the
+answer positions only. ``dense_predictions`` is the previous computation (every position, fixed chunks of
+padded rows), kept as the reference the tests hold the new one to.
 """
 
 from __future__ import annotations
@@ -26,6 +33,7 @@ import numpy as np
 from lnjax.core.metrics import token_accuracy
 from lnjax.core.turns import IGNORE, TurnBatch, pack
 from lnjax.data import TokenizedRecord
+from lnjax.models import split_apply
 
 PROBES = ("edit", "paraphrase", "locality")
 
@@ -70,8 +78,9 @@ def _chunked(fn: Callable, params, arrays: Sequence[np.ndarray], chunk: int) -> 
     return np.concatenate(outs) if outs else np.zeros((0,))
 
 
-def predictions(apply: Callable, params, batch: TurnBatch, chunk: int = 256) -> np.ndarray:
-    """Teacher-forced argmax token at every position [n, L] (int32)."""
+def dense_predictions(apply: Callable, params, batch: TurnBatch, chunk: int = 256) -> np.ndarray:
+    """Teacher-forced argmax token at every position [n, L] (int32), in chunks of ``chunk`` rows padded to the
+    batch's length: the reference computation ``predictions`` must agree with at the supervised positions."""
     return _chunked(_argmax_fn(apply), params, [np.asarray(batch.input_ids), np.asarray(batch.attention_mask)],
                     chunk)
 
@@ -79,6 +88,123 @@ def predictions(apply: Callable, params, batch: TurnBatch, chunk: int = 256) -> 
 @functools.lru_cache(maxsize=16)
 def _argmax_fn(apply: Callable) -> Callable:
     return jax.jit(lambda params, ids, mask: jnp.argmax(apply(params, ids, mask), axis=-1).astype(jnp.int32))
+
+
+# Bucketing: lengths are multiples of LENGTH_GRAIN and row counts of ROW_GRAIN (fewer distinct shapes, so compiled
+# programs are shared between probe sets, evaluation points and editors, at a few percent of padding); a bucket
+# costs COMPILE_TOKENS padded tokens' worth extra (one more program to compile), which decides when merging two
+# lengths beats padding one up to the other.
+LENGTH_GRAIN = 2
+ROW_GRAIN = 4
+COMPILE_TOKENS = 1024
+
+
+def tokens_per_call() -> int:
+    """Rows × length of one evaluation call: small on the CPU (cache-resident activations run faster per token
+    there), large on accelerators (whose throughput grows with the batch)."""
+    return 1024 if jax.default_backend() == "cpu" else 32768
+
+
+def plan_buckets(lengths: np.ndarray, budget: Optional[int] = None, length_grain: int = LENGTH_GRAIN,
+                 row_grain: int = ROW_GRAIN, compile_tokens: int = COMPILE_TOKENS) -> list[tuple[int, int, np.ndarray]]:
+    """Length buckets for rows of ``lengths`` [n] (tokens each row needs): ``[(L, B, rows)]`` where every row of
+    ``rows`` (indices into ``lengths``) fits in ``L`` (a multiple of ``length_grain``) and runs in calls of ``B``
+    rows (``B * L`` at most ``budget``, the rows split evenly over the calls, ``B`` a multiple of ``row_grain`` or a
+    power of two below it). The bucket tops minimise padded tokens plus ``compile_tokens`` per bucket (an exact
+    dynamic program over the distinct rounded lengths)."""
+    budget = budget or tokens_per_call()
+    lengths = np.asarray(lengths, np.int64)
+    if lengths.size == 0:
+        return []
+    tops = -(-np.maximum(lengths, 1) // length_grain) * length_grain
+    values, counts = np.unique(tops, return_counts=True)
+    k = len(values)
+    best = np.full(k + 1, np.inf)
+    best[0] = 0.0
+    cut = np.zeros(k + 1, np.int64)
+    for j in range(1, k + 1):  # best[j]: cost of the first j distinct lengths, the last bucket ending at j - 1
+        for i in range(j):
+            cost = best[i] + counts[i:j].sum() * values[j - 1] + compile_tokens
+            if cost < best[j]:
+                best[j], cut[j] = cost, i
+    bounds, j = [], k
+    while j > 0:
+        bounds.append((cut[j], j))
+        j = cut[j]
+    plan = []
+    for i, j in reversed(bounds):
+        L = int(values[j - 1])
+        rows = np.flatnonzero((tops >= values[i]) & (tops <= values[j - 1]))
+        cap = max(1, budget // L)                       # most rows one call may take
+        cap = cap // row_grain * row_grain if cap >= row_grain else 1 << (cap.bit_length() - 1)
+        calls = -(-len(rows) // cap)
+        per_call = -(-len(rows) // calls)               # the rows spread evenly over the calls
+        B = -(-per_call // row_grain) * row_grain if per_call > row_grain else 1 << (per_call - 1).bit_length()
+        plan.append((L, B, rows))                       # B <= cap: both multiples of row_grain (or powers of 2)
+    return plan
+
+
+@functools.lru_cache(maxsize=16)
+def _supervised_argmax_fn(apply: Callable) -> Callable:
+    """jit of ``(params, ids [B, L], mask [B, L], pos [B, A]) -> argmax [B, A]`` at positions ``pos``: the
+    hidden states, gathered, then the vocabulary projection (``lnjax.models.split_apply``); for an ``apply``
+    that cannot be split, its logits gathered."""
+    parts = split_apply(apply)
+
+    def fn(params, ids, mask, pos):
+        if parts is None:
+            logits = jnp.take_along_axis(apply(params, ids, mask), pos[:, :, None], axis=1)
+        else:
+            hidden, head = parts
+            logits = head(params, jnp.take_along_axis(hidden(params, ids, mask), pos[:, :, None], axis=1))
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+
+    return jax.jit(fn)
+
+
+def predictions_of(apply: Callable, params, batches: dict, budget: Optional[int] = None) -> dict:
+    """Teacher-forced argmax at the supervised positions (``labels != IGNORE``) of every batch of ``batches``
+    {name: TurnBatch [n, L]} → {name: int32 [n, L]}, -1 at every other position (no metric reads those).
+
+    The rows of all batches are pooled, bucketed by length (``plan_buckets``) and each bucket runs in calls of
+    [B, L] rows, projecting to the vocabulary only at the gathered supervised positions [B, A]. Rows must be
+    right-padded (``lnjax.core.turns.pack``), as causal attention then makes a row's predictions independent of
+    the padding after it."""
+    out, pool = {}, []
+    for name, b in batches.items():
+        ids, mask, labels = (np.asarray(a) for a in (b.input_ids, b.attention_mask, b.labels))
+        out[name] = np.full(labels.shape, -1, np.int32)
+        sup = labels != IGNORE
+        real = np.where(mask.any(1), mask.shape[1] - np.argmax(mask[:, ::-1] != 0, axis=1), 0)
+        last_sup = np.where(sup.any(1), labels.shape[1] - np.argmax(sup[:, ::-1], axis=1), 0)
+        for r in np.flatnonzero(sup.any(1)):
+            pool.append((name, r, max(real[r], last_sup[r]), ids[r], mask[r], np.flatnonzero(sup[r])))
+    if not pool:
+        return out
+    fn = _supervised_argmax_fn(apply)
+    for L, B, rows in plan_buckets(np.array([p[2] for p in pool]), budget):
+        A = 1 << (max(len(pool[i][5]) for i in rows) - 1).bit_length()  # a power of 2: fewer shapes to compile
+        for s in range(0, len(rows), B):
+            part = rows[s:s + B]
+            ids = np.zeros((B, L), np.int32)
+            mask = np.zeros((B, L), np.int32)
+            pos = np.zeros((B, A), np.int32)
+            for j, i in enumerate(part):
+                _, _, n, row_ids, row_mask, row_pos = pool[i]
+                w = min(L, len(row_ids))
+                ids[j, :w], mask[j, :w] = row_ids[:w], row_mask[:w]
+                pos[j, :len(row_pos)] = row_pos
+            got = np.asarray(fn(params, ids, mask, pos))
+            for j, i in enumerate(part):
+                name, r, _, _, _, row_pos = pool[i]
+                out[name][r, row_pos] = got[j, :len(row_pos)]
+    return out
+
+
+def predictions(apply: Callable, params, batch: TurnBatch, budget: Optional[int] = None) -> np.ndarray:
+    """Teacher-forced argmax token at the supervised positions of ``batch`` [n, L] (int32; -1 elsewhere); see
+    ``predictions_of``."""
+    return predictions_of(apply, params, {"batch": batch}, budget)["batch"]
 
 
 def agreement(preds: np.ndarray, reference: np.ndarray, labels: np.ndarray) -> np.ndarray:
@@ -140,17 +266,20 @@ def base_predictions(apply: Callable, params, eval_set: EvalSet) -> np.ndarray:
 
 def evaluate(apply: Callable, params, eval_set: EvalSet, base_locality: Optional[np.ndarray] = None,
              protocols: Sequence[str] = ("teacher_forced", "locality_vs_unedited", "generation_exact_match"),
-             per_example: bool = False) -> dict:
+             per_example: bool = False, known: Optional[dict] = None) -> dict:
     """Metrics of ``params`` on ``eval_set`` under each protocol (see the module docstring).
 
     ``base_locality`` is ``base_predictions`` of the unedited model (needed for ``locality_vs_unedited``). With
-    ``per_example`` the per-example arrays are returned under ``"per_example"`` too.
+    ``per_example`` the per-example arrays are returned under ``"per_example"`` too. ``known`` {probe: [n, L]}
+    holds predictions of these very ``params`` already computed (e.g. ``{"locality": base_locality}`` when
+    ``params`` is the unedited model), which are used instead of computed again.
     """
     out: dict = {}
     per: dict = {}
     b = eval_set.batches
     if set(protocols) & {"teacher_forced", "locality_vs_unedited", "generation_exact_match"}:
-        preds = {k: predictions(apply, params, v) for k, v in b.items()}
+        known = dict(known or {})
+        preds = {**known, **predictions_of(apply, params, {k: v for k, v in b.items() if k not in known})}
         acc = {k: token_accuracy(preds[k], np.asarray(v.labels)) for k, v in b.items()}
         if "teacher_forced" in protocols:
             names = {"edit": "efficacy", "paraphrase": "generalization", "locality": "specificity"}

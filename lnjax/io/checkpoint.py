@@ -23,6 +23,8 @@ from typing import Any, Optional
 import jax
 import numpy as np
 
+from lnjax.core.placement import put, to_host
+
 
 from lnjax.core.errors import CheckpointError  # noqa: F401  (raised here; its home is lnjax.core.errors)
 
@@ -40,7 +42,7 @@ def _flat(tree) -> dict[str, Any]:
 def save(path: str, tree: Any, metadata: Optional[dict] = None) -> str:
     """Save ``tree`` (leaves: arrays or numpy arrays) at ``path``, replacing what is there; returns ``path``."""
     path = os.path.abspath(path)
-    flat = {k: np.asarray(v) for k, v in _flat(tree).items()}
+    flat = to_host(_flat(tree))  # whole arrays, also those split over several processes' devices
     _ocp().save(path, {"leaves": flat}, overwrite=True, custom_metadata=metadata or {})
     return path
 
@@ -71,7 +73,8 @@ def load(path: str, like: Any) -> Any:
         if arr.shape != want_shape or arr.dtype != want_dtype:
             raise CheckpointError(f"{path}: item {key} has shape {arr.shape} {arr.dtype}, expected "
                                   f"{want_shape} {want_dtype}")
-        out.append(jax.numpy.asarray(arr))
+        # placed as ``like`` is (in a multi-process run, each process builds its own shards)
+        out.append(put(arr, ref.sharding) if isinstance(ref, jax.Array) else jax.numpy.asarray(arr))
     extra = set(flat) - {jax.tree_util.keystr(p) for p, _ in leaves}
     if extra:
         raise CheckpointError(f"{path}: unexpected items {sorted(extra)[:5]}")
@@ -234,8 +237,11 @@ def resume_config(directory: str, given: dict, defaults: dict) -> dict:
     path = os.path.join(directory, CONFIG_FILE)
     if not os.path.exists(path):
         raise CheckpointError(f"{path}: no checkpointed run there")
-    with open(path) as f:
-        saved = json.load(f)
+    try:
+        with open(path) as f:
+            saved = json.load(f)
+    except (OSError, ValueError) as e:  # ValueError: invalid JSON or UTF-8
+        raise CheckpointError(f"{path}: unreadable saved config ({e})") from None
     asked = {k: v for k, v in given.items() if v != defaults.get(k)}
     diffs = {k: (saved.get(k), v) for k, v in asked.items() if saved.get(k) != v}
     if diffs:
@@ -251,7 +257,7 @@ def finished(directory: Optional[str]) -> Optional[dict]:
     try:
         with open(path) as f:
             return json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
+    except (OSError, ValueError) as e:  # ValueError: invalid JSON or UTF-8
         raise CheckpointError(f"{path}: unreadable ({e})") from None
 
 

@@ -11,9 +11,12 @@ Conv1D weights are already ``(in, out)``. Unsupported config options are refused
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
+import shutil
+import tempfile
 from typing import Any, Optional
 
 import jax.numpy as jnp
@@ -62,16 +65,67 @@ def _gguf_file(path: str) -> Optional[str]:
     return path if str(path).endswith(".gguf") else None
 
 
+# Bumped whenever the GGUF reader's output changes, so stale conversions are never reused.
+_CONVERSION_VERSION = 1
+# Smaller GGUF files parse in well under a second: converting them would only fill the cache.
+_CONVERT_MIN_BYTES = 1 << 20
+
+
+def converted_gguf(gguf_file: str) -> Optional[str]:
+    """An HF checkpoint directory holding ``gguf_file`` as ``lnjax.io.gguf`` reads it (float32 weights, its
+    ``config.json`` and ``tokenizer.json``), written once under ``builtin_models.cache_dir()/converted``; None
+    when ``LNJAX_GGUF_CACHE=0``, the file is under 1 MiB or the cache cannot be written (callers then read the
+    GGUF itself).
+
+    Why: parsing the GGUF metadata (a 49K-token vocabulary and its merges, element by element) and dequantizing
+    cost ~15-30 s per load on two cores, reading float32 safetensors well under a second. The weights are the
+    float32 dequantized tensors the GGUF reader casts from, so any ``dtype`` loads bit-identical parameters."""
+    if os.environ.get("LNJAX_GGUF_CACHE", "1") == "0":
+        return None
+    st = os.stat(gguf_file)
+    if st.st_size < _CONVERT_MIN_BYTES:
+        return None
+    key = hashlib.sha256(f"{os.path.realpath(gguf_file)}|{st.st_size}|{st.st_mtime_ns}|{_CONVERSION_VERSION}"
+                         .encode()).hexdigest()[:16]
+    stem = os.path.splitext(os.path.basename(gguf_file))[0]
+    root = os.path.join(builtin_models.cache_dir(), "converted")
+    out = os.path.join(root, f"{stem}-{key}")
+    if os.path.exists(os.path.join(out, "tokenizer.json")):
+        return out
+    try:
+        os.makedirs(root, exist_ok=True)
+        tmp = tempfile.mkdtemp(dir=root, prefix=".part-")
+        try:
+            model = gguf.load(gguf_file, "float32")
+            save(model, model.params, tmp)
+            gguf.load_tokenizer(gguf_file).save(tmp)  # last: its presence marks a complete conversion
+            os.replace(tmp, out)
+        except OSError:
+            if not os.path.exists(os.path.join(out, "tokenizer.json")):  # not another process's finished copy
+                raise
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    except OSError:
+        return None
+    return out
+
+
 def load(path: str, dtype: str = "float32") -> Model:
     """Load an HF decoder checkpoint directory as a ``Model`` with parameters in ``dtype``; a built-in name
-    (``"smollm2"``) or a ``.gguf`` file is read by ``lnjax.io.gguf``.
+    (``"smollm2"``) or a ``.gguf`` file is read by ``lnjax.io.gguf`` (once: later loads read its conversion,
+    ``converted_gguf``).
 
     Streams tensor by tensor (peak host memory about one copy of the weights), checks every shape against the
     architecture, and raises CheckpointError naming missing, unexpected or mis-shaped tensors.
     """
     gguf_file = _gguf_file(path)
     if gguf_file:
-        return gguf.load(gguf_file, dtype)
+        converted = converted_gguf(gguf_file)
+        if converted is None:
+            return gguf.load(gguf_file, dtype)
+        model = load(converted, dtype)
+        # the config gguf.load gives (torch_dtype = the dtype asked for), so both paths return the same Model
+        return Model(model.config, model.params, hf_config={**model.hf_config, "torch_dtype": dtype})
     if dtype not in _DTYPES:
         raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
     from safetensors import SafetensorError, safe_open
@@ -80,7 +134,10 @@ def load(path: str, dtype: str = "float32") -> Model:
     if not os.path.exists(cfg_path):
         raise CheckpointError(f"{cfg_path}: file not found")
     with open(cfg_path) as f:
-        hf_cfg = json.load(f)
+        try:
+            hf_cfg = json.load(f)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise CheckpointError(f"{cfg_path}: not a JSON config ({e})") from None
     cfg = config_from_hf(hf_cfg, cfg_path)
     expected = hf_key_map(cfg)
     tree = empty_tree(cfg)
@@ -158,7 +215,8 @@ def load_tokenizer(path: str) -> Tokenizer:
     ``.gguf`` file (from the GGUF metadata)."""
     gguf_file = _gguf_file(path)
     if gguf_file:
-        return gguf.load_tokenizer(gguf_file)
+        converted = converted_gguf(gguf_file)
+        return gguf.load_tokenizer(gguf_file) if converted is None else load_tokenizer(converted)
     from tokenizers import Tokenizer as _HFTokenizer
 
     file = os.path.join(path, "tokenizer.json")

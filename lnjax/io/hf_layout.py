@@ -52,6 +52,11 @@ def put_tensor(tree: dict, entry: tuple, t, jdtype, where: str) -> None:
         raise CheckpointError(f"{where} has shape {tuple(t.shape)}, the config implies "
                               f"{shape[::-1] if transpose else shape}")
     t = jnp.asarray(t).astype(jdtype)
+    finite = jnp.isfinite(t)
+    if not bool(jnp.all(finite)):  # NaN/Inf in the file, or a value too large for ``jdtype`` (float16)
+        bad = int(jnp.size(t) - jnp.sum(finite))
+        raise CheckpointError(f"{where} has {bad} non-finite values (NaN/Inf) in {jnp.dtype(jdtype).name}; "
+                              "refusing weights no edit could be computed on")
     get_module(tree, module)[leaf] = t.T if transpose else t
 
 
@@ -79,3 +84,10 @@ class Tokenizer:
     @property
     def vocab_size(self) -> int:
         return self._tok.get_vocab_size()
+
+    def save(self, directory: str) -> str:
+        """Write ``tokenizer.json`` into ``directory`` (an exported checkpoint carries its tokenizer); its path."""
+        import os
+        path = os.path.join(directory, "tokenizer.json")
+        self._tok.save(path)
+        return path

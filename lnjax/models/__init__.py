@@ -21,7 +21,9 @@ _MODULES = {"llama": llama, "mistral": llama, "qwen2": llama, "gpt2": gpt2, "gpt
 class Model:
     """A decoder: ``config``, ``params`` (nested dict) and ``apply(params, input_ids, attention_mask) -> logits``.
 
-    ``apply`` takes ids and mask [B, L] (int32; mask 1 for real tokens) and returns float32 logits [B, L, vocab].
+    ``apply`` takes ids and mask [B, L] (int32; mask 1 for real tokens) and returns float32 logits [B, L, vocab];
+    it is ``head(params, apply_hidden(params, ids, mask))``, the hidden states [B, L, d_model] then the vocabulary
+    projection, which callers needing a few positions' logits apply to those positions only.
     ``hf_config`` keeps the ``config.json`` a model was loaded from, so saving writes it back unchanged.
     """
 
@@ -33,12 +35,45 @@ class Model:
     def apply(self) -> Callable:
         return apply_fn(self.config)
 
+    @property
+    def apply_hidden(self) -> Callable:
+        return hidden_fn(self.config)
+
+    @property
+    def head(self) -> Callable:
+        return head_fn(self.config)
+
 
 @functools.lru_cache(maxsize=None)
 def apply_fn(cfg: ModelConfig) -> Callable:
     """The pure ``apply(params, input_ids, attention_mask) -> logits`` of architecture ``cfg`` (cached, so
     repeated calls give the same function object and jit caches hit)."""
     return functools.partial(_MODULES[cfg.arch].apply, cfg=cfg)
+
+
+@functools.lru_cache(maxsize=None)
+def hidden_fn(cfg: ModelConfig) -> Callable:
+    """``apply_hidden(params, input_ids, attention_mask) -> h``: the final normalized hidden states [B, L, d_model]
+    of architecture ``cfg``, everything of ``apply`` but the vocabulary projection (cached like ``apply_fn``)."""
+    return functools.partial(_MODULES[cfg.arch].hidden_states, cfg=cfg)
+
+
+@functools.lru_cache(maxsize=None)
+def head_fn(cfg: ModelConfig) -> Callable:
+    """``head(params, h) -> logits``: the vocabulary projection of hidden states [..., d_model] to float32
+    logits [..., vocab] (``lm_head`` or the tied embeddings); ``apply = head(hidden(...))`` exactly."""
+    return functools.partial(_MODULES[cfg.arch].head, cfg=cfg)
+
+
+def split_apply(apply: Callable) -> Optional[tuple[Callable, Callable]]:
+    """``(apply_hidden, head)`` of an ``apply`` made by ``apply_fn`` (``Model.apply``), so that a caller needing
+    logits at a few positions (``lnjax.eval``) projects only those; None for any other function."""
+    if isinstance(apply, functools.partial) and "cfg" in apply.keywords and not apply.args:
+        cfg = apply.keywords["cfg"]
+        module = _MODULES.get(getattr(cfg, "arch", None))
+        if module is not None and apply.func is module.apply:
+            return hidden_fn(cfg), head_fn(cfg)
+    return None
 
 
 def architecture(arch: str):
@@ -78,4 +113,5 @@ def init_params(cfg: ModelConfig, key: jax.Array, dtype=jnp.float32, std: float 
 
 
 __all__ = ["ARCHITECTURES", "Model", "ModelConfig", "abstract_params", "apply_fn", "architecture", "get_module",
-           "init_params", "leaf_paths", "linear", "param_shapes", "split_path", "with_module_leaf"]
+           "head_fn", "hidden_fn", "init_params", "leaf_paths", "linear", "param_shapes", "split_apply",
+           "split_path", "with_module_leaf"]

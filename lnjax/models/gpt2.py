@@ -26,8 +26,8 @@ def param_shapes(cfg: ModelConfig) -> dict:
                             "ln_f": ln}}
 
 
-def apply(params: dict, input_ids: jax.Array, attention_mask: jax.Array, cfg: ModelConfig) -> jax.Array:
-    """Logits [B, L, vocab] float32 for ids/mask [B, L]."""
+def hidden_states(params: dict, input_ids: jax.Array, attention_mask: jax.Array, cfg: ModelConfig) -> jax.Array:
+    """Final normalized hidden states [B, L, d_model] for ids/mask [B, L]."""
     B, L = input_ids.shape
     if L > cfg.max_positions:
         raise ValueError(f"sequence length {L} exceeds GPT-2's {cfg.max_positions} learned positions")
@@ -43,8 +43,17 @@ def apply(params: dict, input_ids: jax.Array, attention_mask: jax.Array, cfg: Mo
         h = h + linear(attend(q, k, v, allowed, hd ** -0.5), layer["attn"]["c_proj"])
         x = layer_norm(h, layer["ln_2"], cfg.norm_eps)
         h = block_output(h + linear(act(linear(x, layer["mlp"]["c_fc"])), layer["mlp"]["c_proj"]), layer)
-    h = layer_norm(h, t["ln_f"], cfg.norm_eps)
-    return (h @ t["wte"]["embedding"].T).astype(jnp.float32)
+    return layer_norm(h, t["ln_f"], cfg.norm_eps)
+
+
+def head(params: dict, h: jax.Array, cfg: ModelConfig) -> jax.Array:
+    """Logits [..., vocab] float32 of final hidden states ``h`` [..., d_model] (the tied embeddings)."""
+    return (h @ params["transformer"]["wte"]["embedding"].T).astype(jnp.float32)
+
+
+def apply(params: dict, input_ids: jax.Array, attention_mask: jax.Array, cfg: ModelConfig) -> jax.Array:
+    """Logits [B, L, vocab] float32 for ids/mask [B, L]."""
+    return head(params, hidden_states(params, input_ids, attention_mask, cfg), cfg)
 
 
 def config_from_hf(hf: dict, where: str) -> ModelConfig:

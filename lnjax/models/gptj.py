@@ -25,8 +25,8 @@ def param_shapes(cfg: ModelConfig) -> dict:
             "lm_head": {"kernel": (d, cfg.vocab_size), "bias": (cfg.vocab_size,)}}
 
 
-def apply(params: dict, input_ids: jax.Array, attention_mask: jax.Array, cfg: ModelConfig) -> jax.Array:
-    """Logits [B, L, vocab] float32 for ids/mask [B, L]."""
+def hidden_states(params: dict, input_ids: jax.Array, attention_mask: jax.Array, cfg: ModelConfig) -> jax.Array:
+    """Final normalized hidden states [B, L, d_model] for ids/mask [B, L]."""
     B, L = input_ids.shape
     t = params["transformer"]
     hd = cfg.d_model // cfg.n_heads
@@ -44,8 +44,17 @@ def apply(params: dict, input_ids: jax.Array, attention_mask: jax.Array, cfg: Mo
         attn_out = linear(attend(q, k, v, allowed, hd ** -0.5, upcast=True), a["out_proj"])
         mlp_out = linear(act(linear(x, layer["mlp"]["fc_in"])), layer["mlp"]["fc_out"])
         h = block_output(h + attn_out + mlp_out, layer)
-    h = layer_norm(h, t["ln_f"], cfg.norm_eps)
+    return layer_norm(h, t["ln_f"], cfg.norm_eps)
+
+
+def head(params: dict, h: jax.Array, cfg: ModelConfig) -> jax.Array:
+    """Logits [..., vocab] float32 of final hidden states ``h`` [..., d_model] (``lm_head``)."""
     return linear(h, params["lm_head"]).astype(jnp.float32)
+
+
+def apply(params: dict, input_ids: jax.Array, attention_mask: jax.Array, cfg: ModelConfig) -> jax.Array:
+    """Logits [B, L, vocab] float32 for ids/mask [B, L]."""
+    return head(params, hidden_states(params, input_ids, attention_mask, cfg), cfg)
 
 
 def config_from_hf(hf: dict, where: str) -> ModelConfig:

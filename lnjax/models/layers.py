@@ -77,6 +77,8 @@ def memory_read(x: jax.Array, memory: dict, threshold: float, code: str = "zscor
             x = jnp.take_along_axis(x, anchor[0][..., None], axis=1)
         u = linear(x, memory["in_proj"]).astype(jnp.float32)
         cos = linear(u * jax.lax.rsqrt(jnp.sum(u * u, axis=-1, keepdims=True) + 1e-12), memory["key_proj"])
+        if winner and isinstance(memory["value_proj"]["kernel"], jax.Array):
+            return _winner_gather(cos, threshold, memory["value_proj"], anchor, x.dtype)
         c = jax.nn.relu(cos - threshold) / (1.0 - threshold)
         if winner:
             c = jnp.where(cos >= jnp.max(cos, axis=-1, keepdims=True), c, 0.0)
@@ -87,6 +89,29 @@ def memory_read(x: jax.Array, memory: dict, threshold: float, code: str = "zscor
     z = (s - jnp.mean(s, axis=-1, keepdims=True)) * jax.lax.rsqrt(jnp.var(s, axis=-1, keepdims=True) + 1e-6)
     mean, std = _relu_moments(threshold)
     return linear((jax.nn.relu(z - threshold) - mean) / std, memory["value_proj"])
+
+
+def _winner_gather(cos: jax.Array, threshold: float, value_proj: dict, anchor: Optional[tuple],
+                   dtype) -> jax.Array:
+    """The winner-take-all read as a gather, cos [..., keys] → [..., d]: the best key's value row (at each
+    offset of an anchored read) times its code — what ``code @ value_proj`` gives when the code has one non-zero
+    per offset, without the [tokens, slots] product (most of a forward pass's cost with one slot per fact). An
+    exact tie between two keys (two identical keys) reads the first of them where the product would sum both.
+    A probed kernel (the probe's ``Tap``, which must see the dense code) takes the product instead."""
+    kernel = value_proj["kernel"]
+    best = jnp.argmax(cos, axis=-1)
+    val = jax.nn.relu(jnp.max(cos, axis=-1) - threshold) / (1.0 - threshold)
+    out_dtype = jnp.result_type(dtype, kernel.dtype)
+    if anchor is None:
+        y = val[..., None].astype(out_dtype) * kernel[best].astype(out_dtype)
+    else:
+        hot = anchor[1]                                             # [B, L, offsets]
+        rows = jnp.arange(hot.shape[-1]) * cos.shape[-1] + best[..., None]
+        w = (hot * val[..., None]).astype(out_dtype)
+        y = jnp.einsum("...o,...od->...d", w, kernel[rows].astype(out_dtype))
+    if "bias" in value_proj:
+        y = y + value_proj["bias"].astype(y.dtype)
+    return y
 
 
 def _relu_moments(t: float) -> tuple[float, float]:

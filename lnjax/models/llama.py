@@ -82,12 +82,17 @@ def hidden_states(params: dict, input_ids: jax.Array, attention_mask: jax.Array,
     return rms_norm(h, m["norm"], cfg.norm_eps)
 
 
-def apply(params: dict, input_ids: jax.Array, attention_mask: jax.Array, cfg: ModelConfig) -> jax.Array:
-    """Logits [B, L, vocab] float32 for ids/mask [B, L]."""
-    h = hidden_states(params, input_ids, attention_mask, cfg)
+def head(params: dict, h: jax.Array, cfg: ModelConfig) -> jax.Array:
+    """Logits [..., vocab] float32 of final hidden states ``h`` [..., d_model]: ``lm_head``, or the tied
+    embeddings."""
     if cfg.tie_embeddings:
         return (h @ params["model"]["embed_tokens"]["embedding"].T).astype(jnp.float32)
     return linear(h, params["lm_head"]).astype(jnp.float32)
+
+
+def apply(params: dict, input_ids: jax.Array, attention_mask: jax.Array, cfg: ModelConfig) -> jax.Array:
+    """Logits [B, L, vocab] float32 for ids/mask [B, L]."""
+    return head(params, hidden_states(params, input_ids, attention_mask, cfg), cfg)
 
 
 SUPPORTED_ROPE = ("default", "linear", "llama3")

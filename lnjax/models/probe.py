@@ -14,7 +14,8 @@ from typing import Callable, Optional, Sequence
 import jax
 import jax.numpy as jnp
 
-from lnjax.core.turns import IGNORE, TurnBatch  # noqa: F401  (TurnBatch re-exported: lnjax.models.probe.TurnBatch)
+# TurnBatch is re-exported (lnjax.models.probe.TurnBatch).
+from lnjax.core.turns import IGNORE, REFERENCE_MINIBATCH_SIZE, TurnBatch  # noqa: F401
 from lnjax.core.features import Features
 from lnjax.models import get_module, with_module_leaf
 
@@ -70,7 +71,8 @@ POSITIONS = ("answer", "all")
 
 
 def turn_features(apply: Callable, params, targets: Sequence[str], batch: TurnBatch, *,
-                  minibatch_size: int = 10, max_rows: Optional[int] = None, positions: str = "answer"):
+                  minibatch_size: int = REFERENCE_MINIBATCH_SIZE, max_rows: Optional[int] = None,
+                  positions: str = "answer"):
     """One turn's features for every target, all on the pre-turn model ``params``.
 
     ``batch`` holds one turn, arrays [E, L]. Rows are the supervised positions in (edit, position) order,
@@ -130,7 +132,8 @@ def used_minibatches(labels: jax.Array, seg_of_edit: jax.Array, num_seg: int) ->
     return jnp.maximum(jnp.sum(jnp.maximum(used, 0.0)), 1.0)
 
 
-def turn_loss(apply: Callable, params, batch: TurnBatch, *, minibatch_size: int = 10) -> tuple[jax.Array, jax.Array]:
+def turn_loss(apply: Callable, params, batch: TurnBatch, *,
+              minibatch_size: int = REFERENCE_MINIBATCH_SIZE) -> tuple[jax.Array, jax.Array]:
     """The loss ``turn_features`` reports (mean over mini-batches of their mean token cross-entropy) and the
     number of supervised positions, from one forward pass without gradients; for editors that take no
     features (docs/method.md §7)."""

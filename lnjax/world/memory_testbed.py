@@ -9,7 +9,8 @@ pools). Two kinds of slots (experiments/REPORT.md §8 has the measured effect of
 - ``slot_keys="random"``: random slot directions read by z-score (a slot fires ``threshold`` standard deviations
   above the token's mean score);
 - ``slot_keys="facts"``: one slot per fact of the world — the pretraining corpus, never an edit's new target —
-  keyed by the mean direction of the fact's whitened first-answer-row input over its wordings and read by cosine.
+  keyed by the mean direction of the fact's whitened first-answer-row input over ``key_wordings`` (all of its
+  wordings, or only wording 0 in the fair testbed) and read by cosine.
   With an ``anchor`` token (the question mark) the memory is read, at each of the ``offsets`` answer positions
   after it, with the input at the anchor, one copy of the slots per position; with ``winner`` only the
   best-matching fact's slot fires.
@@ -19,7 +20,10 @@ The default testbed (``default_testbed``) is the shipped world model finished wi
 measured against) with an anchored, winner-take-all fact memory at block 3: every fact of the world reads slots of
 its own, which is the regime the LN editors assume (a turn's writes reach almost no fact it does not edit). It is
 built once (about 1.5 minutes on two CPU cores) into ``$LNJAX_CACHE/world_memory`` (default ``~/.cache/lnjax``) and
-loaded from there afterwards.
+loaded from there afterwards. Its keys average every wording, including the paraphrases generalization is scored
+on, so on it GS is the memory's routing rate — decided by construction (a unit test, not evidence).
+``FAIR_SETTINGS`` (what ``lnjax run`` uses, issue 23) builds keys and whitening from wording 0 only
+(``lnjax.world.fair``): the paraphrases and every locality probe are then in wordings the memory never saw.
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ import hashlib
 import json
 import os
 import shutil
-from typing import Callable
+from typing import Callable, Optional
 
 import jax
 import jax.numpy as jnp
@@ -49,6 +53,9 @@ BASE_DIR = os.path.join(os.path.dirname(os.path.dirname(__file__)), "assets", "w
 # above cosine 0.9. Chosen from the single-turn and 20-turn sweeps of experiments/REPORT.md §8.
 DEFAULT_SETTINGS = {"layers": (3,), "slot_keys": "facts", "anchor": "?", "offsets": 3, "winner": True,
                     "threshold": 0.9, "ridge": 1e-3, "seed": 0}
+# The fair testbed (issue 23, lnjax.world.fair): the same memory with slot keys and whitening built from wording 0
+# alone (the wording edits are written in); the other two wordings are only scored. The default of ``lnjax run``.
+FAIR_SETTINGS = {**DEFAULT_SETTINGS, "key_wordings": [0]}
 DEFAULT_TARGETS = tuple(f"model.layers.{i}.memory.value_proj" for i in DEFAULT_SETTINGS["layers"])
 
 
@@ -100,10 +107,17 @@ def memory_inputs(model: Model, layers: tuple, pairs: list, chunk: int = 2000) -
             np.concatenate([first for _, first in parts]))
 
 
-def fact_slot_keys(model: Model, layers: tuple, world: World, fits: dict) -> dict:
+def fact_slot_keys(model: Model, layers: tuple, world: World, fits: dict, key_wordings="all") -> dict:
     """Unit slot keys [d, facts] per ``key_proj`` target: for each fact of ``world``, the mean direction of its
-    whitened first-answer-row memory input over its wordings (``fits[target] = (mean, W)``)."""
-    inputs = [memory_inputs(model, layers, pairs) for pairs in world_model.fact_examples(world)]
+    whitened first-answer-row memory input over the wordings ``key_wordings`` (``fits[target] = (mean, W)``).
+
+    ``key_wordings="all"`` (every wording; the construction before issue 23) builds the keys from the very
+    paraphrases generalization is scored on, so GS measures the memory's routing: decided by construction, a
+    unit test, not evidence. A tuple of wordings (``lnjax.world.fair.KEY_WORDINGS``: the wording edits are
+    written in) leaves the other wordings unseen by the memory."""
+    from lnjax.world.fair import key_examples
+    examples = world_model.fact_examples(world) if key_wordings == "all" else key_examples(world, key_wordings)
+    inputs = [memory_inputs(model, layers, pairs) for pairs in examples]
     out = {}
     for t, (mean, w) in fits.items():
         total = 0.0
@@ -132,18 +146,27 @@ def grown_config(model: Model, world: World, layers: tuple, slots: int, threshol
 
 
 def grow(model: Model, layers: tuple, slots: int, threshold: float, ridge: float, seed: int = 0,
-         slot_keys: str = "random", anchor: str = "", offsets: int = 1, winner: bool = False) -> Model:
+         slot_keys: str = "random", anchor: str = "", offsets: int = 1, winner: bool = False,
+         key_wordings="all") -> Model:
     """``model`` with an empty memory at each block of ``layers`` (module docstring): ``slots`` random slots read
     by z-score, or (``slot_keys="facts"``) one slot per fact of the world (times ``offsets`` with an ``anchor``)
-    read by cosine above ``threshold``; inputs whitened with ``ridge`` (``whitening``)."""
+    read by cosine above ``threshold``; inputs whitened with ``ridge`` (``whitening``) fitted on the train pool's
+    prompts — in ``key_wordings`` only when those are given (``fact_slot_keys``), so that no scored wording
+    reaches the memory."""
     world = default_world()
     cfg = grown_config(model, world, layers, slots, threshold, slot_keys, anchor, offsets, winner)
-    recs = data.tokenize(data.records_from_dicts("zsre", world.records("train", len(world.all_facts("train"))),
-                                                 "world"), world.tokenizer())
-    keys, _ = memory_inputs(model, cfg.memory_layers, [r.edit for r in recs] + [r.paraphrase for r in recs])
+    if key_wordings == "all":
+        recs = data.tokenize(data.records_from_dicts("zsre", world.records("train", len(world.all_facts("train"))),
+                                                     "world"), world.tokenizer())
+        fit_pairs = [r.edit for r in recs] + [r.paraphrase for r in recs]
+    else:
+        from lnjax.world.fair import key_examples
+        train = np.isin(world.all_facts()[:, 0], world.pools["train"])
+        fit_pairs = [p for pairs in key_examples(world, key_wordings) for p, keep in zip(pairs, train) if keep]
+    keys, _ = memory_inputs(model, cfg.memory_layers, fit_pairs)
     fits = {t: whitening(k, ridge) for t, k in keys.items()}
     params = empty_memories(cfg, model.params, seed)
-    slot_dirs = fact_slot_keys(model, cfg.memory_layers, world, fits) if slot_keys == "facts" else {}
+    slot_dirs = fact_slot_keys(model, cfg.memory_layers, world, fits, key_wordings) if slot_keys == "facts" else {}
     for i, t in zip(cfg.memory_layers, keys):
         (mean, w), memory = fits[t], params["model"]["layers"][i]["memory"]
         if slot_keys == "facts":
@@ -161,23 +184,25 @@ def cache_dir() -> str:
     return os.path.join(builtin_models.cache_dir(), "world_memory")
 
 
-def _fingerprint() -> str:
+def _fingerprint(settings: dict) -> str:
     # The cached testbed is valid for these settings grown from this shipped model.
     with open(os.path.join(BASE_DIR, "report.json"), "rb") as f:
         base = f.read()
-    return hashlib.sha256(base + json.dumps(DEFAULT_SETTINGS, sort_keys=True).encode()).hexdigest()[:16]
+    return hashlib.sha256(base + json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def default_testbed(log: Callable[[str], None] = print) -> Model:
-    """The default testbed (module docstring): loaded from ``cache_dir()``, built there first when missing."""
-    directory = os.path.join(cache_dir(), _fingerprint())
+def default_testbed(log: Callable[[str], None] = print, settings: Optional[dict] = None) -> Model:
+    """A testbed grown with ``settings`` (default ``DEFAULT_SETTINGS``; ``FAIR_SETTINGS`` is the fair one of
+    ``lnjax run``): loaded from ``cache_dir()``, built there first when missing."""
+    s = DEFAULT_SETTINGS if settings is None else settings
+    directory = os.path.join(cache_dir(), _fingerprint(s))
     if world_model.is_model_dir(directory):
         return world_model.load(directory)
-    log(f"building the default testbed once (the unsmoothed world model with a fact memory at block 3, about 1.5 "
-        f"minutes) into {directory}")
-    s = DEFAULT_SETTINGS
+    log(f"building the testbed once (the unsmoothed world model with a fact memory at block 3, about a minute) "
+        f"into {directory}")
+    wordings = tuple(s["key_wordings"]) if "key_wordings" in s else "all"
     model = grow(world_model.load(BASE_DIR), s["layers"], 0, s["threshold"], s["ridge"], s["seed"], s["slot_keys"],
-                 s["anchor"], s["offsets"], s["winner"])
+                 s["anchor"], s["offsets"], s["winner"], wordings)
     tmp = directory + f".tmp{os.getpid()}"
     world_model.save(tmp, model.config, model.params, {"grown_from": "lnjax/assets/world_model_unsmoothed", **s})
     try:
@@ -190,5 +215,5 @@ def default_testbed(log: Callable[[str], None] = print) -> Model:
     return model  # what was saved (the builds are deterministic, so a concurrent build saved the same)
 
 
-__all__ = ["BASE_DIR", "DEFAULT_SETTINGS", "DEFAULT_TARGETS", "cache_dir", "default_testbed", "empty_memories",
-           "fact_slot_keys", "grow", "grown_config", "memory_inputs", "supervised_keys", "whitening"]
+__all__ = ["BASE_DIR", "DEFAULT_SETTINGS", "DEFAULT_TARGETS", "FAIR_SETTINGS", "cache_dir", "default_testbed",
+           "empty_memories", "fact_slot_keys", "grow", "grown_config", "memory_inputs", "supervised_keys", "whitening"]

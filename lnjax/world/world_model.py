@@ -15,6 +15,7 @@ import numpy as np
 
 from lnjax.core.metrics import token_accuracy
 from lnjax.core.turns import TurnBatch, pack
+from lnjax.core.placement import local_sharding
 from lnjax.models import Model, ModelConfig, abstract_params
 from lnjax.world import World
 
@@ -77,7 +78,11 @@ def load(directory: str = ASSET_DIR) -> Model:
     if raw.get("rope_scaling") is not None:
         raw["rope_scaling"] = tuple(tuple(x) for x in raw["rope_scaling"])
     cfg = ModelConfig(**raw)
-    abstract = abstract_params(cfg)
+    # Restored onto this process's own device: the checkpoint records the device it was saved from (cpu:0), which
+    # in a multi-process run belongs to process 0 only.
+    local = local_sharding()
+    abstract = jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=local),
+                                      abstract_params(cfg))
     import warnings
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
