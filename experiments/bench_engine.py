@@ -30,6 +30,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 import lnjax as lx  # noqa: E402
+from lnjax.core.cpu_threads import limit_lapack_threads_on_cpu  # noqa: E402
 from lnjax.core.turns import pack_turns  # noqa: E402
 from lnjax.models import Model, ModelConfig, init_params  # noqa: E402
 from lnjax.models.probe import token_log_likelihood, minibatch_weights  # noqa: E402
@@ -245,7 +246,7 @@ def main(argv=None):
                     help="threads of SciPy's OpenBLAS on the CPU, as lnjax.app.run sets them (0: leave as found)")
     args = ap.parse_args(argv)
     if args.lapack_threads:
-        lx.core.cpu_threads.limit_lapack_threads_on_cpu(args.lapack_threads)
+        limit_lapack_threads_on_cpu(args.lapack_threads)
     results = {"device": str(jax.devices()[0]), "lapack_threads": args.lapack_threads, "models": {}}
 
     def save():

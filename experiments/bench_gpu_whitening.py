@@ -33,6 +33,12 @@ from lnjax.models import Model, init_params
 
 
 def _median(fn, repeats):
+    """Median seconds of ``repeats`` calls after a warm-up call (``repeats=0``: one call, compilation included,
+    for sizes where a call takes minutes)."""
+    if repeats == 0:
+        t = time.perf_counter()
+        jax.block_until_ready(fn())
+        return time.perf_counter() - t
     jax.block_until_ready(fn())
     times = []
     for _ in range(repeats):
@@ -49,24 +55,33 @@ def _stats(d, rows, seed=0):
     return ln.update(ln.init(1, d, track_scatter=True), jnp.concatenate([jnp.zeros((rows, 1)), g], axis=1))
 
 
-def bench_whitening(sizes, repeats, max_iter):
+def bench_whitening(sizes, repeats, max_iter, rows_factors=(None, 5)):
     out = []
     eigh = jax.jit(lambda s: ln.whitening_matrix(s, method="eigh"))
-    ns = jax.jit(lambda s: ln.whitening_matrix(s, method="newton_schulz", max_iter=max_iter))
     dof = lambda s: jnp.maximum(s.count.astype(jnp.float32) - s.d_out - 1.0, 1.0)
-    iters = jax.jit(lambda s: ln.inverse_sqrt_newton_schulz(
+    # what whitening_matrix(method="newton_schulz") computes (eps0 = nu0 = 0, floor 1e-6), with its iterations
+    ns = jax.jit(lambda s: ln.inverse_sqrt_newton_schulz(
         0.5 * (s.scatter_v - s.scatter_v_c + (s.scatter_v - s.scatter_v_c).T) / dof(s)
-        + 1e-6 * jnp.eye(s.d_out), 1e-6, max_iter)[1])
+        + 1e-6 * jnp.eye(s.d_out), 1e-6, max_iter))
+    hp = jax.lax.Precision.HIGHEST
     for d in sizes:
-        for rows in (d + 300, 5 * d):
+        m = jnp.ones((d, d), jnp.float32)
+        matmul = jax.jit(lambda x: jnp.matmul(x, x, precision=hp))
+        t_mm = _median(lambda: matmul(m), max(repeats, 1))
+        print(json.dumps({"d": d, "matmul_s": t_mm, "matmul_gflops": 2 * d ** 3 / t_mm / 1e9}), flush=True)
+        for factor in rows_factors:
+            rows = d + 300 if factor is None else factor * d
             s = _stats(d, rows)
-            t_e, t_n = _median(lambda: eigh(s), repeats), _median(lambda: ns(s), repeats)
-            a, b = np.asarray(eigh(s), np.float64), np.asarray(ns(s), np.float64)
+            last = {}
+            t_e = _median(lambda: last.__setitem__("e", eigh(s)) or last["e"], repeats)
+            t_n = _median(lambda: last.__setitem__("n", ns(s)) or last["n"], repeats)
+            a, b = np.asarray(last["e"], np.float64), np.asarray(last["n"][0], np.float64)
             sigma = np.asarray(s.scatter_v, np.float64) - np.asarray(s.scatter_v_c, np.float64)
             w, v = np.linalg.eigh(0.5 * (sigma + sigma.T) / max(rows - d - 1, 1))
             exact = {"clamp": (v / np.sqrt(np.maximum(w, 1e-6))) @ v.T, "shift": (v / np.sqrt(w + 1e-6)) @ v.T}
             err = lambda x, ref: float(np.linalg.norm(x - ref) / np.linalg.norm(ref))
-            row = {"d": d, "rows": rows, "eigh_s": t_e, "newton_schulz_s": t_n, "iterations": int(iters(s)),
+            row = {"d": d, "rows": rows, "eigh_s": t_e, "newton_schulz_s": t_n, "iterations": int(last["n"][1]),
+                   "matmul_s": t_mm,
                    "rel_diff": err(b, a), "condition": float(w.max() / max(w.min(), 1e-6)),
                    # distances from the float64 eigendecomposition: of the published clamp, and of Σ + floor·I
                    "eigh_err_vs_f64_clamp": err(a, exact["clamp"]), "ns_err_vs_f64_clamp": err(b, exact["clamp"]),
@@ -112,7 +127,6 @@ def bench_turns(shape, turns, repeats, dtype, seed=0):
         out["per_turn_s"][name] = _median(run, repeats) / turns
         print(f"{name}: {out['per_turn_s'][name] * 1e3:.1f} ms per turn ({time.time() - t0:.0f}s with compiles)",
               flush=True)
-        del state, carry, frozen
     p = out["per_turn_s"]
     out["stableedit_eigh_over_ultraedit"] = p["stableedit_eigh"] / p["ultraedit"]
     out["stableedit_newton_schulz_over_ultraedit"] = p["stableedit_newton_schulz"] / p["ultraedit"]
@@ -125,6 +139,8 @@ def main():
     ap.add_argument("--sizes", default="1024,2048,4096")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--max-iter", type=int, default=100)
+    ap.add_argument("--only-first-turns", action="store_true",
+                    help="whitening: only the rows = d + 300 covariance (the first whitened turns' regime)")
     ap.add_argument("--skip-turns", action="store_true")
     ap.add_argument("--skip-whitening", action="store_true")
     ap.add_argument("--shape", default="llama3-8b")
@@ -135,7 +151,8 @@ def main():
     t0 = time.time()
     out = {"device": jax.devices()[0].device_kind, "backend": jax.default_backend()}
     if not args.skip_whitening:
-        out["whitening"] = bench_whitening([int(s) for s in args.sizes.split(",")], args.repeats, args.max_iter)
+        out["whitening"] = bench_whitening([int(s) for s in args.sizes.split(",")], args.repeats, args.max_iter,
+                                           (None,) if args.only_first_turns else (None, 5))
     if not args.skip_turns:
         out["turns"] = bench_turns(args.shape, args.turns, args.repeats, args.dtype)
     out["seconds"] = time.time() - t0

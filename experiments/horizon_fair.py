@@ -23,6 +23,7 @@ Learning rates: ``lnjax.app.hparams.FAIR_TESTBED_HPARAMS`` (tuned on the tuning 
 import argparse
 import json
 import os
+import sys
 import time
 
 import jax
@@ -185,7 +186,8 @@ def main(argv=None):
     ctx = build_context(args, world, split, model, tok)
     path = os.path.join(args.out, "horizon.json")
     report = json.load(open(path)) if args.resume and os.path.exists(path) else {"editors": {}}
-    report.update({"command": "python experiments/horizon_fair.py " + " ".join(argv or []),
+    command = "python experiments/horizon_fair.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    report.update({"command": command,
                    "edits": args.edits, "edits_per_turn": args.edits_per_turn, "eval_every_turns": args.eval_every,
                    "probes": args.probes, "family_sizes": ctx["family_sizes"], "split": split.describe(),
                    "testbed": FAIR_SETTINGS, "seed": args.seed, "lnjax_version": lnjax.__version__})
@@ -249,6 +251,9 @@ def collect(out: str) -> None:
         merged["editors"].update(part["editors"])
     if merged is None:
         raise SystemExit(f"no <editor>/horizon.json under {out}")
+    merged["command"] = (f"python experiments/horizon_fair.py --editors NAME --out {out}/NAME (one process per "
+                         f"editor; --resume continues one), then python experiments/horizon_fair.py --collect "
+                         f"--out {out}")
     for name, entry in merged["editors"].items():
         entry["edits_done"] = entry["points"][-1]["edits"] if entry["points"] else 0
         entry["degradation"] = onset(entry["points"])

@@ -15,6 +15,7 @@ unedited model on the random kept facts and each locality family. The rule: the 
 import argparse
 import json
 import os
+import sys
 import time
 
 
@@ -76,7 +77,8 @@ def main(argv=None):
         best = choose([r for r in rows if r["editor"] == name])
         chosen[name] = {"editor": base, "lr": best["lr"], "alpha": alpha}
         print(json.dumps({"chosen": name, **chosen[name], "score": best["score"]}), flush=True)
-    out = {"command": "python experiments/tune_fair.py " + " ".join(argv or []), "config": vars(args),
+    command = "python experiments/tune_fair.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    out = {"command": command, "config": vars(args),
            "rule": "max mean(ES, GS, lowest locality over the random set and every family) on tune subjects; "
                    "ties to the smaller lr",
            "grid": f"{args.points} lrs half a decade apart centred on CENTRES", "centres": CENTRES,

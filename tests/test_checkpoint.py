@@ -111,8 +111,9 @@ def test_killed_cli_run_resumes_to_identical_results(tmp_path):
     import sys
     import time
 
+    # one seed: the checkpoint directory then holds one run per editor (several seeds nest it under seed<N>/)
     args = ["--turns", "6", "--edits-per-turn", "10", "--eval-every", "1", "--editor", "stableedit,ultraedit",
-            "--no-generation", "--quiet"]
+            "--seeds", "1", "--no-generation", "--quiet"]
     env = {**os.environ, "PYTHONPATH": os.path.dirname(os.path.dirname(os.path.abspath(__file__)))}
     clean = tmp_path / "clean"
     subprocess.run([sys.executable, "-m", "lnjax", "run", *args, "--out", str(clean)], check=True, env=env,

@@ -284,8 +284,8 @@ def test_hf_model_k_invocations_and_export_loaded_by_transformers(tmp_path):
 def test_readers_and_history(tiny, tmp_path, capsys):
     from lnjax.app.cli import main
     from lnjax.data.plain import detect_layout
-    week1 = os.path.join(ROOT, "examples", "edits", "week1.json")
-    assert detect_layout(week1) == "zsre" and detect_layout(os.path.join(ROOT, "examples", "edits",
+    week1 = os.path.join(ROOT, "experiments", "walkthrough", "edits", "week1.json")
+    assert detect_layout(week1) == "zsre" and detect_layout(os.path.join(ROOT, "experiments", "walkthrough", "edits",
                                                                           "week2.jsonl")) == "jsonl"
     assert read_edits(week1)[0].paraphrase and len(read_probes(week1)) == 200
     bad = tmp_path / "bad.jsonl"
@@ -299,14 +299,14 @@ def test_readers_and_history(tiny, tmp_path, capsys):
     odd.write_text('[{"question": "q", "answer": "a"}]')
     with pytest.raises(DataError, match="fit no known layout"):
         read_edits(str(odd))
-    # the examples are what examples/make_edits.py writes
-    sys.path.insert(0, os.path.join(ROOT, "examples"))
+    # the examples are what experiments/walkthrough/make_edits.py writes
+    sys.path.insert(0, os.path.join(ROOT, "experiments", "walkthrough"))
     try:
         import make_edits
     finally:
         sys.path.pop(0)
     for name, text in make_edits.files().items():
-        assert open(os.path.join(ROOT, "examples", "edits", name), encoding="utf-8").read() == text, name
+        assert open(os.path.join(ROOT, "experiments", "walkthrough", "edits", name), encoding="utf-8").read() == text, name
     # --history: a table and a PNG
     state = str(tmp_path / "s")
     _apply(state, tiny, [_edits(10), _edits(10, start=10)])
@@ -327,7 +327,7 @@ def test_readme_walkthrough_runs_as_written(tmp_path, monkeypatch, capsys):
     assert block, "README lost its <!-- edit-walkthrough --> block"
     commands = [c for c in block.group(1).splitlines() if c.strip()]
     assert len(commands) == 3
-    os.symlink(os.path.join(ROOT, "examples"), tmp_path / "examples")
+    os.symlink(os.path.join(ROOT, "experiments"), tmp_path / "experiments")
     monkeypatch.chdir(tmp_path)
     for c in commands:
         argv = shlex.split(c)

@@ -67,8 +67,9 @@ def test_two_runs_of_one_config_differ_only_in_metadata(tmp_path):
 
 
 def test_cli_refuses_unknown_editor(capsys):
-    assert main(["run", "--editor", "rome", "--quiet"]) == 2
-    assert "unknown editor" in capsys.readouterr().err
+    assert main(["run", "--editor", "rome", "--quiet"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("lnjax: error: --editor: unknown editor") and err.count("\n") == 1, err
 
 
 def test_default_testbed_writes_the_edits_and_keeps_locality(tmp_path):

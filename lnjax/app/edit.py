@@ -467,6 +467,40 @@ class EditSession:
         if self._lock is None:
             raise RuntimeError("the session is closed")
         edits = list(edits)
+        sha, before = self._check_batch(edits, probes, min_locality, force, source)
+        t0 = time.time()
+        pairs, para = self._tokenize(edits)
+        locality = self._locality_fn(probes)
+        E = int(self.settings["edits_per_turn"])
+        n_turns = -(-len(pairs) // E)
+        frozen, carry = init_carry(join(frozen_and_kernels(self.model.params, self.targets)[0], self.kernels),
+                                   self.editor, self.targets, self.editor_state)
+        rejected0 = int(self.editor_state.rejected)
+        carry, loc_min = self._run_turns(pairs, frozen, carry, E, n_turns, locality, min_locality, source, progress)
+        jax.block_until_ready(carry.kernels)
+        t_edit = time.time() - t0
+        params = join(frozen, carry.kernels)
+        metrics, earlier = self._evaluate(params, pairs, para, edits, probes, locality, loc_min)
+        metrics["rejected_turns"] = int(carry.editor_state.rejected) - rejected0
+        t_eval = time.time() - t0 - t_edit
+        invocation = self.counters["invocations"] + 1
+        counters = {"invocations": invocation, "edits": self.counters["edits"] + len(edits),
+                    "turns": self.counters["turns"] + n_turns}
+        entry = {"invocation": invocation, "time": _now(), "source": source, "sha256": sha, "edits": len(edits),
+                 "turns": n_turns, "padded_slots": n_turns * E - len(edits), "forced": before is not None,
+                 "total_edits": counters["edits"], "total_turns": counters["turns"], "metrics": metrics,
+                 "seconds": {"load": round(getattr(self, "load_seconds", 0.0), 2), "edit": round(t_edit, 2),
+                             "evaluate": round(t_eval, 2)}}
+        sample = self._next_sample(earlier, edits, invocation)
+        applied = self.applied + [{"sha256": sha, "invocation": invocation, "time": entry["time"],
+                                   "source": source}]
+        self._commit(invocation, carry.kernels, carry.editor_state, counters, applied, sample, entry)
+        self.kernels, self.editor_state, self.counters = carry.kernels, carry.editor_state, counters
+        self.applied, self.sample, self.commit, self.load_seconds = applied, sample, invocation, 0.0
+        return entry
+
+    def _check_batch(self, edits: list, probes, min_locality, force: bool, source: str):
+        """``(sha256, earlier application or None)`` of a batch ``apply`` may apply; raises as ``apply`` says."""
         if not edits:
             raise DataError(f"{source or 'edits'}: no edits to apply")
         sha = batch_hash(edits)
@@ -477,8 +511,10 @@ class EditSession:
                               "them again")
         if min_locality is not None and not probes:
             raise ValueError("min_locality needs probes (--probe FILE)")
-        t0 = time.time()
-        pairs, para = self._tokenize(edits)
+        return sha, before
+
+    def _locality_fn(self, probes):
+        """``params -> locality`` on ``probes`` against the base model's predictions (computed here)."""
         probe_batch = pack([data_lib.encode_probe(self.tokenizer, p, a, "probes", i, "prompt", "answer",
                                                   self._max_length())
                             for i, (p, a) in enumerate(probes or [])]) if probes else None
@@ -487,12 +523,12 @@ class EditSession:
         def locality(params) -> float:
             preds = self._predict(params, probe_batch)
             return float(eval_lib.agreement(preds, base_probe, np.asarray(probe_batch.labels)).mean())
+        return locality
 
-        E = int(self.settings["edits_per_turn"])
-        n_turns = -(-len(pairs) // E)
-        frozen, carry = init_carry(join(frozen_and_kernels(self.model.params, self.targets)[0], self.kernels),
-                                   self.editor, self.targets, self.editor_state)
-        rejected0, loc_min = int(self.editor_state.rejected), None
+    def _run_turns(self, pairs, frozen, carry, E: int, n_turns: int, locality, min_locality, source: str,
+                   progress: bool):
+        """Run the edit turns; ``(carry, minimum locality over turns or None)``. Raises LocalityGuardTripped."""
+        loc_min = None
         bar = None
         if progress:
             from tqdm.auto import tqdm
@@ -519,9 +555,10 @@ class EditSession:
         finally:
             if bar is not None:
                 bar.close()
-        jax.block_until_ready(carry.kernels)
-        t_edit = time.time() - t0
-        params = join(frozen, carry.kernels)
+        return carry, loc_min
+
+    def _evaluate(self, params, pairs, para, edits, probes, locality, loc_min):
+        """``(metrics without rejected_turns, earlier sample)`` of the edited ``params``."""
         es = self._accuracy(params, pairs)
         gs = self._accuracy(params, [p for _, p in para])
         new_prompts = {e.prompt for e in edits}
@@ -531,24 +568,8 @@ class EditSession:
         metrics = {"efficacy": float(es.mean()), "generalization": float(gs.mean()) if len(gs) else None,
                    "generalization_n": int(len(gs)), "retention": float(ret.mean()) if len(ret) else None,
                    "retention_n": int(len(ret)), "locality": locality(params) if probes else None,
-                   "locality_min": loc_min, "locality_n": len(probes or []),
-                   "rejected_turns": int(carry.editor_state.rejected) - rejected0}
-        t_eval = time.time() - t0 - t_edit
-        invocation = self.counters["invocations"] + 1
-        counters = {"invocations": invocation, "edits": self.counters["edits"] + len(edits),
-                    "turns": self.counters["turns"] + n_turns}
-        entry = {"invocation": invocation, "time": _now(), "source": source, "sha256": sha, "edits": len(edits),
-                 "turns": n_turns, "padded_slots": n_turns * E - len(edits), "forced": before is not None,
-                 "total_edits": counters["edits"], "total_turns": counters["turns"], "metrics": metrics,
-                 "seconds": {"load": round(getattr(self, "load_seconds", 0.0), 2), "edit": round(t_edit, 2),
-                             "evaluate": round(t_eval, 2)}}
-        sample = self._next_sample(earlier, edits, invocation)
-        applied = self.applied + [{"sha256": sha, "invocation": invocation, "time": entry["time"],
-                                   "source": source}]
-        self._commit(invocation, carry.kernels, carry.editor_state, counters, applied, sample, entry)
-        self.kernels, self.editor_state, self.counters = carry.kernels, carry.editor_state, counters
-        self.applied, self.sample, self.commit, self.load_seconds = applied, sample, invocation, 0.0
-        return entry
+                   "locality_min": loc_min, "locality_n": len(probes or [])}
+        return metrics, earlier
 
     def _next_sample(self, earlier: list[dict], edits: Sequence[Edit], invocation: int) -> list[dict]:
         """The retention sample after this batch: the ``sample_size`` applied edits with the smallest content

@@ -71,7 +71,7 @@ FAIR_TESTBED_HPARAMS = {
     "ultraedit": {"editor": "ultraedit", "lr": 9.486832980505138, "alpha": 1.0},
     "no_normalization": {"editor": "no_normalization", "lr": 9.486832980505138, "alpha": 1.0},
     "no_normalization_tuned": {"editor": "no_normalization", "lr": 1e8, "alpha": 1.0},
-    "per_turn_normalization": {"editor": "per_turn_normalization", "lr": 3.0, "alpha": 1.0},
+    "per_turn_normalization": {"editor": "per_turn_normalization", "lr": 30.0, "alpha": 1.0},
 }
 # How FAIR_TESTBED_HPARAMS was chosen, recorded in lnjax run's results metadata (``metadata.protocol.tuning``).
 FAIR_TUNING = {
@@ -189,10 +189,11 @@ def resolve(editor: str, *, dataset: str, turns: int, lr: Optional[float] = None
             warmup_turns: Optional[int] = None, model: Optional[str] = None) -> dict:
     """What a run of ``editor`` uses: ``lr`` and ``alpha`` (the given value, else the value in the table
     ``tuned_table(model, dataset)`` names, else the editor's default) and ``warmup_turns`` (the given value, else
-    ``turns // 10`` (at least 1) for StableEdit editors and 0 for the others). For the model-running baselines and the meta-trained editors ``lr`` and ``alpha`` stay as given
-    (None: the editor's own settings; only FT takes an ``lr``; the hypernetworks learn theirs). Without ``lr`` and
-    without a tuned one, a model lnjax ships is refused (ValueError) and any other checkpoint gets the editor's
-    published default with a warning (``_untuned``)."""
+    ``turns // 10`` (at least 1) for StableEdit editors and 0 for the others). For the model-running baselines
+    and the meta-trained editors ``lr`` and ``alpha`` stay as given (None: the editor's own settings; only FT
+    takes an ``lr``; the hypernetworks learn theirs). Without ``lr`` and without a tuned one, a model lnjax
+    ships is refused (ValueError) and any other checkpoint gets the editor's published default with a warning
+    (``_untuned``)."""
     if editor in MODEL_BASELINES or editor in META_TRAINED:
         return {"lr": lr, "alpha": alpha, "warmup_turns": warmup_turns or 0}
     if editor in RUN_ALIASES and not (dataset == "world" and model is None):

@@ -63,7 +63,8 @@ class RunConfig:
         f"comma-separated editors (default: {','.join(FAIR_DEFAULT_EDITORS)} on the default testbed, else "
         f"{','.join(DEFAULT_EDITORS)}); known: {','.join(sorted({*editors_lib.REGISTRY, *hparams.RUN_ALIASES}))}",
         flag="--editor", type=csv_tuple))
-    turns: int = dataclasses.field(default=20, metadata=_flag("sequential edit turns"))
+    turns: Optional[int] = dataclasses.field(default=None, metadata=_flag(
+        "sequential edit turns (default: 10 per seed on the default testbed, else 20)", type=int))
     edits_per_turn: int = dataclasses.field(default=100, metadata=_flag("edits per turn"))
     warmup_turns: Optional[int] = dataclasses.field(default=None, metadata=_flag(
         "warm-up turns (default: turns//10, at least 1, for StableEdit editors, 0 for the others)", type=int))
@@ -172,6 +173,15 @@ def _load_records(cfg: RunConfig, n: int, n_warm: int, read_report: data_lib.Rea
     return edits, warm
 
 
+def with_defaults(cfg: RunConfig) -> RunConfig:
+    """``cfg`` with the defaults that depend on the protocol filled in: on the default (fair) testbed the editors
+    of ``FAIR_DEFAULT_EDITORS`` and 10 turns per seed (3 seeds fit the default run's few minutes), else
+    ``DEFAULT_EDITORS`` and 20 turns."""
+    fair = fair_protocol(cfg)
+    return dataclasses.replace(cfg, editors=cfg.editors or (FAIR_DEFAULT_EDITORS if fair else DEFAULT_EDITORS),
+                               turns=cfg.turns or (10 if fair else 20))
+
+
 def fair_protocol(cfg: RunConfig) -> bool:
     """Whether ``cfg`` runs under the fair protocol (``lnjax.world.fair``): the default testbed on the world."""
     return cfg.model is None and cfg.dataset == "world"
@@ -207,7 +217,7 @@ def fair_families(cfg: RunConfig, model, n: int, family_size: int = 500) -> dict
 def editor_settings(name: str, cfg: RunConfig) -> dict:
     """What ``run`` uses for editor ``name`` under ``cfg``: ``lnjax.app.hparams.resolve`` of its flags (the
     hypernetwork editors learn their lr per module and take no warm-up unless asked)."""
-    return hparams.resolve(name, dataset=cfg.dataset, turns=cfg.turns, lr=cfg.lr, alpha=cfg.alpha,
+    return hparams.resolve(name, dataset=cfg.dataset, turns=with_defaults(cfg).turns, lr=cfg.lr, alpha=cfg.alpha,
                            warmup_turns=cfg.warmup_turns, model=cfg.model)
 
 
@@ -347,8 +357,10 @@ def run_editor(name: str, cfg: RunConfig, model, targets: tuple, job: Job, *, ch
     t0 = time.time()
     # under the fair protocol every turn is sized for the world's longest answer, so all seeds share one compile
     max_rows = cfg.edits_per_turn * _fair_max_answer() if fair_protocol(cfg) else None
+    # a chunk never longer than the run: a padding turn costs a whole turn's compute (it is masked, not skipped)
+    chunk = min(cfg.eval_every if cfg.eval_every > 0 else cfg.chunk, cfg.turns + r)
     res = edit_sequence(model, editor, batches, targets, warmup=warm, warmup_at=cfg.warmup_at, max_rows=max_rows,
-                        chunk=cfg.eval_every if cfg.eval_every > 0 else cfg.chunk, minibatch_size=cfg.minibatch_size,
+                        chunk=chunk, minibatch_size=cfg.minibatch_size,
                         track_accuracy=True, hooks=hooks, checkpoint_dir=checkpoint_dir, resume=resume,
                         host_state=host, run_config=cfg.to_json(), **options)
     jax.block_until_ready(res.params)
@@ -392,8 +404,7 @@ def run(cfg: RunConfig, out_dir: Optional[str] = None, log: Callable[[str], None
     """
     t_start = time.time()
     limit_lapack_threads_on_cpu(1)
-    if cfg.editors is None:
-        cfg = dataclasses.replace(cfg, editors=FAIR_DEFAULT_EDITORS if fair_protocol(cfg) else DEFAULT_EDITORS)
+    cfg = with_defaults(cfg)
     model, tok, targets = _load_model(cfg, log)
     check_targets(model, targets)
     device_mesh = None
@@ -461,9 +472,9 @@ def _run_seed(cfg: RunConfig, model, tok, targets, log, progress, checkpoint_dir
         log(f"{len(job.read_report.skipped)} unusable rows skipped (listed in results.json under data.skipped; "
             "--strict refuses them)")
     results: dict = {"editors": {}, "data": report.data_section(cfg.data, job.read_report), "metadata": {}}
-    # the unedited locality predictions are base_loc itself: computed once (prepare_edits), reused here
+    # the unedited predictions of every probe were computed once, with base_loc (prepare_edits): reused here
     results["unedited"] = eval_lib.evaluate(model.apply, model.params, job.eval_set, job.base_loc, _protocols(cfg),
-                                            known={"locality": job.base_loc})
+                                            known=job.edits.unedited)
     diag_lines: list[dict] = []
     timings = {}
     for name in cfg.editors:

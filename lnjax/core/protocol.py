@@ -116,8 +116,9 @@ def reject_nonfinite(editor: Editor, *, diagnostics: Sequence[str] = ()) -> Edit
     ``turns`` and ``rejected`` (``EditCounters``) alone. The guard then decides, inside the trace (a
     ``jnp.where``, no Python branch, so it works under ``jit`` and in the engine's ``lax.scan``):
 
-    - **accepted** when every delta and every floating-point leaf of ``state'`` that the update changed is
-      finite: ``(deltas, state')`` with ``turns + 1``;
+    - **accepted** when every delta (and its squared norm: a shift too large for float32, from a huge lr, is no
+      edit) and every floating-point leaf of ``state'`` that the update changed is finite: ``(deltas, state')``
+      with ``turns + 1``;
     - **rejected** otherwise, whole: zero deltas (same shapes and dtypes), every field of the old ``state`` back
       (statistics, caches, ...), ``turns`` unchanged and ``rejected + 1``. The fields named in
       ``diagnostics`` (e.g. FT's ``loss``, MEMIT's ``z_loss``) report what the turn tried and are kept either way.

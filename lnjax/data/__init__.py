@@ -81,6 +81,55 @@ class ReadReport:
             log(f"{e}; row skipped (--strict makes this an error)")
 
 
+class _JsonArrayReader:
+    """``iter_json_array``'s reading state: decoded text ``buf`` (unread from ``pos``), whether the file ended,
+    and the bytes and newlines read so far (for the byte offset and line of a non-UTF-8 byte)."""
+
+    def __init__(self, f, path: str, chunk_size: int, utf8):
+        self.f, self.path, self.chunk_size, self.utf8 = f, path, chunk_size, utf8
+        self.buf, self.pos, self.eof, self.offset, self.lines = "", 0, False, 0, 0
+
+    def fill(self) -> bool:
+        raw = self.f.read(self.chunk_size)
+        try:
+            pending = self.utf8.getstate()[0]
+            more = self.utf8.decode(raw, final=not raw)
+        except UnicodeDecodeError as e:
+            bad = e.start - len(pending)  # the bad byte's index in ``raw`` (negative: in the pending bytes)
+            line = self.lines + raw[:max(bad, 0)].count(b"\n") + 1
+            raise DataError(f"{self.path}: line {line}, byte {self.offset + bad}: not UTF-8 ({e.reason}; the file "
+                            "must be UTF-8 JSON)") from None
+        self.offset += len(raw)
+        self.lines += raw.count(b"\n")
+        if not raw:
+            self.eof = True
+            return False
+        self.buf, self.pos = self.buf[self.pos:] + more, 0
+        return True
+
+    def peek(self) -> Optional[str]:
+        while True:
+            while self.pos < len(self.buf) and self.buf[self.pos] in " \t\r\n\ufeff":  # (a UTF-8 byte-order mark too)
+                self.pos += 1
+            if self.pos < len(self.buf):
+                return self.buf[self.pos]
+            if not self.fill():
+                return None
+
+    def value(self, decoder: json.JSONDecoder, row: int):
+        """Decode the element at ``pos`` (reading more while it may continue) and move past it."""
+        while True:
+            try:
+                value, end = decoder.raw_decode(self.buf, self.pos)
+                if end < len(self.buf) or self.eof or not self.fill():  # a number may continue in the next chunk
+                    break
+            except json.JSONDecodeError as e:
+                if not self.fill():
+                    raise DataError(f"{self.path}: row {row}: invalid JSON ({e.msg})") from None
+        self.pos = end
+        return value
+
+
 def iter_json_array(path: str, chunk_size: int = 1 << 20) -> Iterator[tuple[int, object]]:
     """Yield ``(row, value)`` for each element of the JSON array in ``path``, reading ``chunk_size`` bytes at a
     time (memory: one chunk plus the element being parsed). DataError for bytes that are not UTF-8 (naming line and
@@ -92,64 +141,26 @@ def iter_json_array(path: str, chunk_size: int = 1 << 20) -> Iterator[tuple[int,
     except OSError as e:
         raise DataError(f"{path}: cannot be read ({e.strerror})") from None
     with f:
-        buf, pos, eof, row, offset, lines = "", 0, False, 0, 0, 0  # bytes and newlines read so far
-
-        def fill() -> bool:
-            nonlocal buf, pos, eof, offset, lines
-            raw = f.read(chunk_size)
-            try:
-                pending = utf8.getstate()[0]
-                more = utf8.decode(raw, final=not raw)
-            except UnicodeDecodeError as e:
-                bad = e.start - len(pending)  # the bad byte's index in ``raw`` (negative: in the pending bytes)
-                line = lines + raw[:max(bad, 0)].count(b"\n") + 1
-                raise DataError(f"{path}: line {line}, byte {offset + bad}: not UTF-8 ({e.reason}; the file must "
-                                "be UTF-8 JSON)") from None
-            offset += len(raw)
-            lines += raw.count(b"\n")
-            if not raw:
-                eof = True
-                return False
-            buf, pos = buf[pos:] + more, 0
-            return True
-
-        def peek() -> Optional[str]:
-            nonlocal pos
-            while True:
-                while pos < len(buf) and buf[pos] in " \t\r\n\ufeff":  # (a UTF-8 byte-order mark too)
-                    pos += 1
-                if pos < len(buf):
-                    return buf[pos]
-                if not fill():
-                    return None
-
-        c = peek()
+        r, row = _JsonArrayReader(f, path, chunk_size, utf8), 0
+        c = r.peek()
         if c is None:
             raise DataError(f"{path}: empty file (expected a JSON array)")
         if c != "[":
             kind = "JSON lines or a single object" if c == "{" else repr(c)
             raise DataError(f"{path}: expected a JSON array, found {kind} at the start of the file")
-        pos += 1
-        if peek() == "]":
+        r.pos += 1
+        if r.peek() == "]":
             return
         while True:
-            if peek() is None:
+            if r.peek() is None:
                 raise DataError(f"{path}: row {row}: file ends inside the JSON array")
-            while True:
-                try:
-                    value, end = decoder.raw_decode(buf, pos)
-                    if end < len(buf) or eof or not fill():  # a number may continue in the next chunk
-                        break
-                except json.JSONDecodeError as e:
-                    if not fill():
-                        raise DataError(f"{path}: row {row}: invalid JSON ({e.msg})") from None
-            pos = end
+            value = r.value(decoder, row)
             yield row, value
             row += 1
-            c = peek()
+            c = r.peek()
             if c == "]":
-                pos += 1
-                after = peek()
+                r.pos += 1
+                after = r.peek()
                 if after is not None:
                     raise DataError(f"{path}: unexpected {after!r} after the JSON array's closing ']' (two arrays, or "
                                     "a damaged file?)")
@@ -158,7 +169,7 @@ def iter_json_array(path: str, chunk_size: int = 1 << 20) -> Iterator[tuple[int,
                 raise DataError(f"{path}: row {row}: file ends inside the JSON array")
             if c != ",":
                 raise DataError(f"{path}: row {row}: expected ',' between array elements, found {c!r}")
-            pos += 1
+            r.pos += 1
 
 
 class _Row:

@@ -35,6 +35,9 @@ class PreparedEdits:
       None when ``eval_records`` is None.
     - ``base_loc``: int [n_eval, L_loc], the unedited model's teacher-forced argmax on the locality probes
       (``locality_vs_unedited``); None without a model or an evaluation set.
+    - ``unedited``: {probe: int [n_eval, L_probe]}, the unedited model's predictions of every probe set of
+      ``eval_set`` (``base_loc`` is its ``"locality"``), computed in one pooled pass so the unedited evaluation
+      reuses them (``evaluate(..., known=unedited)``); None when ``base_loc`` is.
     """
 
     records: list
@@ -46,6 +49,7 @@ class PreparedEdits:
     warmup_records: list
     eval_set: Optional[eval_lib.EvalSet]
     base_loc: Optional[np.ndarray]
+    unedited: Optional[dict] = None
 
     @property
     def n_turns(self) -> int:
@@ -113,11 +117,13 @@ def prepare_edits(records: Sequence, tok, model=None, *, edits_per_turn: int, n_
     turns, order = pack_turns([r.edit for r in tokenized], edits_per_turn, length)
     subject_last = np.array([tokenized[i].subject_last if i >= 0 else -1 for i in order.reshape(-1)],
                             np.int32).reshape(order.shape)
-    eval_set = base_loc = None
+    eval_set = base_loc = unedited = None
     if eval_records is not None:
         selected = tokenized[eval_records] if isinstance(eval_records, slice) else [tokenized[i] for i in eval_records]
         eval_set = eval_lib.build_eval_set(selected)
         if model is not None:
-            base_loc = eval_lib.base_predictions(model.apply, model.params, eval_set)
+            unedited = eval_lib.predictions_of(model.apply, model.params, eval_set.batches)
+            base_loc = unedited["locality"]
     return PreparedEdits(records=tokenized, turns=turns, order=order, subject_last=subject_last, length=length,
-                         edits_per_turn=edits_per_turn, warmup_records=warm, eval_set=eval_set, base_loc=base_loc)
+                         edits_per_turn=edits_per_turn, warmup_records=warm, eval_set=eval_set, base_loc=base_loc,
+                         unedited=unedited)

@@ -1,6 +1,6 @@
 """Write the example edit files of the README's "Keeping a model up to date" walk-through (``lnjax edit``).
 
-    python examples/make_edits.py          # rewrites examples/edits/ (deterministic; tests/test_edit.py checks it)
+    python experiments/walkthrough/make_edits.py          # rewrites experiments/walkthrough/edits/ (deterministic; tests/test_edit.py checks it)
 
 Counterfactual corrections of the embedded world's facts (``lnjax.world``'s ``edit`` pool) for the default
 testbed: ``week1.json``, 200 edits in the ZsRE layout that ``lnjax.data.read`` reads (as a published dataset
