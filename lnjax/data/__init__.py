@@ -362,20 +362,35 @@ def read(dataset: str, path: str, n: Optional[int] = None, *, seed: int = 0, str
     rng = random.Random(seed)
     quiet = report is None and log is None
     report = report if report is not None else ReadReport()
+
+    def parse_row(r: _Row) -> EditRecord:
+        if dataset != "zsre":
+            return parse(r, rng)
+        layout = zsre_layout(r, report.layout)
+        rec = _zsre(r, rng, layout)
+        report.layout = layout
+        return rec
+
+    return collect_usable(path, iter_json_array(path), parse_row, n, strict=strict, report=report, log=log,
+                          warn=quiet)
+
+
+def collect_usable(path: str, rows, parse_row: Callable, n: Optional[int], *, strict: bool, report: ReadReport,
+                   log: Optional[Callable[[str], None]], warn: bool) -> list[EditRecord]:
+    """The first ``n`` usable records (all when None) of ``rows`` (``(row index, JSON value)`` pairs of ``path``),
+    each parsed by ``parse_row(_Row) -> EditRecord``: the one loop of every reader. An ``UnusableRow`` (from the
+    parser, or the same prompt and target as an earlier row) is recorded in ``report`` (raised with ``strict``),
+    with a warning when ``warn`` (the caller was given neither a report nor a log); fewer than ``n`` usable rows
+    raise ``DataError`` naming the first skipped row."""
     skipped_before = len(report.skipped)
     out, seen = [], {}
-    for row, value in iter_json_array(path):
+    for row, value in rows:
         if n is not None and len(out) >= n:
             break
         report.rows += 1
         r = _Row(path, row, value)
         try:
-            if dataset == "zsre":
-                layout = zsre_layout(r, report.layout)
-                rec = _zsre(r, rng, layout)
-                report.layout = layout
-            else:
-                rec = parse(r, rng)
+            rec = parse_row(r)
             first = seen.setdefault((rec.prompt, rec.target), row)
             if first != row:
                 raise r.unusable("prompt", f"the same edit (prompt and target) as row {first}")
@@ -384,9 +399,9 @@ def read(dataset: str, path: str, n: Optional[int] = None, *, seed: int = 0, str
             continue
         out.append(dataclasses.replace(rec, source=path, row=row))
     skipped = len(report.skipped) - skipped_before
-    if quiet and skipped:
+    if warn and skipped:
         warnings.warn(f"{path}: {skipped} unusable rows skipped (the first: {report.skipped[skipped_before]}); "
-                      "pass a ReadReport to see them all, or strict=True to refuse them", stacklevel=2)
+                      "pass a ReadReport to see them all, or strict=True to refuse them", stacklevel=3)
     if n is not None and len(out) < n:
         first = report.skipped[skipped_before] if skipped else None
         raise DataError(f"{path}: {n} records were asked for, the file has {len(out)} usable rows"

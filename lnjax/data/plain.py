@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 from typing import Callable, Iterator, Optional
 
-from lnjax.data import DATASETS, DataError, EditRecord, ReadReport, UnusableRow, _Row, iter_json_array
+from lnjax.data import DATASETS, DataError, EditRecord, ReadReport, _Row, collect_usable, iter_json_array
 
 JSONL = "jsonl"
 # The field of an array's first row that tells the published layouts apart (``detect_layout``), most specific
@@ -69,28 +69,15 @@ def read_jsonl(path: str, n: Optional[int] = None, *, strict: bool = False, repo
     (``tokenize`` then reports such a record as unusable for the probe it lacks). Unusable rows (an empty or
     missing required text, the same prompt and target as an earlier row) are skipped and reported as
     ``lnjax.data.read`` does, or raised with ``strict``."""
-    report = report if report is not None else ReadReport()
-    out, seen = [], {}
-    for row, value in iter_jsonl(path):
-        if n is not None and len(out) >= n:
-            break
-        report.rows += 1
-        r = _Row(path, row, value)
-        try:
-            loc = r.text("loc_prompt", optional=True)
-            rec = EditRecord(r.text("prompt"), r.text("target"), r.text("paraphrase", optional=True), loc,
-                             r.text("loc_answer") if loc is not None else None,
-                             subject=r.text("subject", optional=True), source=path, row=row)
-            first = seen.setdefault((rec.prompt, rec.target), row)
-            if first != row:
-                raise r.unusable("prompt", f"the same edit (prompt and target) as row {first}")
-        except UnusableRow as e:
-            report.skip(e, strict, log)
-            continue
-        out.append(rec)
-    if n is not None and len(out) < n:
-        raise DataError(f"{path}: {n} records were asked for, the file has {len(out)} usable rows")
-    return out
+    quiet = report is None and log is None
+
+    def parse_row(r: _Row) -> EditRecord:
+        loc = r.text("loc_prompt", optional=True)
+        return EditRecord(r.text("prompt"), r.text("target"), r.text("paraphrase", optional=True), loc,
+                          r.text("loc_answer") if loc is not None else None, subject=r.text("subject", optional=True))
+
+    return collect_usable(path, iter_jsonl(path), parse_row, n, strict=strict,
+                          report=report if report is not None else ReadReport(), log=log, warn=quiet)
 
 
 def read_probes_jsonl(path: str) -> list[tuple[str, str]]:
