@@ -22,7 +22,6 @@ import argparse
 import json
 import os
 import re
-import time
 
 
 import jax  # noqa: E402
@@ -35,6 +34,8 @@ from lnjax.core.turns import pack_turns  # noqa: E402
 from lnjax.models import Model, ModelConfig, init_params  # noqa: E402
 from lnjax.models.probe import token_log_likelihood, minibatch_weights  # noqa: E402
 from lnjax.engine import init_carry, make_chunk_fn, make_turn_fn, slice_chunk  # noqa: E402
+from lnjax.app.report import write_json  # noqa: E402
+from lnjax.app.timing import median_seconds  # noqa: E402
 
 SHAPES = {
     "default": (ModelConfig(arch="llama", vocab_size=423, d_model=128, n_layers=4, n_heads=4, n_kv_heads=2,
@@ -53,15 +54,6 @@ BIG = ("gpt2-small", "smollm2", "llama3-8b")
 
 
 DEFAULT_TURNS = 4
-
-
-def _median_time(fn, repeats):
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        jax.block_until_ready(fn())
-        times.append(time.perf_counter() - t)
-    return float(np.median(times))
 
 
 # The named scopes of a turn (lnjax.engine and the LN editors); an op belongs to the innermost one on its path.
@@ -105,8 +97,7 @@ def profile_chunk(compiled, args: tuple, turns: int, repeats: int = 2) -> dict:
 
 
 def _timed(fn, repeats):
-    jax.block_until_ready(fn())
-    return _median_time(fn, repeats)
+    return median_seconds(fn, repeats)
 
 
 def bench_model(name, turns_per_chunk, repeats, edits=100, seed=0, dtype="float32", on_timed=None):
@@ -141,7 +132,7 @@ def bench_model(name, turns_per_chunk, repeats, edits=100, seed=0, dtype="float3
             state["carry"], d = chunk_fn(state["carry"], frozen, xs)
             return d["loss"]
 
-        out[ed_name] = _median_time(run_chunk, repeats) / turns_per_chunk
+        out[ed_name] = median_seconds(run_chunk, repeats, warmup=False) / turns_per_chunk
         compiled[ed_name] = (chunk_fn, (state["carry"], frozen, xs))
 
     # The unavoidable part: forward + backward of the turn's mini-batch losses w.r.t. the target kernels (the
@@ -158,7 +149,7 @@ def bench_model(name, turns_per_chunk, repeats, edits=100, seed=0, dtype="float3
         return jax.grad(loss)(kernels)
 
     jax.block_until_ready(fwd_bwd(kernels, frozen, one))
-    out["forward_backward"] = _median_time(lambda: fwd_bwd(kernels, frozen, one), repeats)
+    out["forward_backward"] = median_seconds(lambda: fwd_bwd(kernels, frozen, one), repeats, warmup=False)
     out["ratio_ultraedit_over_fwd_bwd"] = out["ultraedit"] / out["forward_backward"]
     out["ratio_stableedit_over_fwd_bwd"] = out["stableedit"] / out["forward_backward"]
     out["ratio_stableedit_over_ultraedit"] = out["stableedit"] / out["ultraedit"]
@@ -207,8 +198,8 @@ def bench_solve(d_in=14336, d_out=4096, n=1500, repeats=2):
     dual = jax.jit(lambda K, V: lx.core.solve.ridge_dual(K, V, 10.0))
     a, b = primal(K, V), dual(K, V)
     rel = float(jnp.max(jnp.abs(a - b)) / jnp.max(jnp.abs(a)))
-    tp = _median_time(lambda: primal(K, V), repeats)
-    td = _median_time(lambda: dual(K, V), repeats)
+    tp = median_seconds(lambda: primal(K, V), repeats, warmup=False)
+    td = median_seconds(lambda: dual(K, V), repeats, warmup=False)
     return {"d_in": d_in, "d_out": d_out, "n": n, "primal_s": tp, "dual_s": td, "speedup": tp / td,
             "max_rel_diff": rel}
 
@@ -251,8 +242,7 @@ def main(argv=None):
 
     def save():
         if args.json:
-            with open(args.json, "w") as f:
-                json.dump(results, f, indent=2)
+            write_json(args.json, results, indent=2)
 
     for name in [m for m in args.models.split(",") if m]:
         for dtype in [d for d in args.dtypes.split(",") if d]:

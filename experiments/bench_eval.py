@@ -17,7 +17,6 @@ metrics and the predictions at every supervised position are identical, and writ
 """
 
 import argparse
-import json
 import os
 import time
 
@@ -28,6 +27,7 @@ from lnjax import data as data_lib
 from lnjax import eval as ev
 from lnjax.core.turns import IGNORE
 from lnjax.io import hf
+from lnjax.app.report import write_json
 
 
 def main() -> None:
@@ -81,9 +81,7 @@ def main() -> None:
         print(f"identical predictions at supervised positions: {same}; identical metrics: {m[0] == m[1]}; "
               f"speed-up {out.get('speedup', float('nan')):.2f}x", flush=True)
     if args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json, "w") as f:
-            json.dump(out, f, indent=1)
+        write_json(args.json, out)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,6 @@ Two parts, both on whatever device JAX sees (run it once on a GPU; on the CPU us
 
 import argparse
 import json
-import os
 import time
 
 import jax
@@ -30,22 +29,8 @@ from lnjax.core import ln
 from lnjax.core.turns import pack_turns
 from lnjax.engine import init_carry, make_chunk_fn, make_turn_fn, slice_chunk
 from lnjax.models import Model, init_params
-
-
-def _median(fn, repeats):
-    """Median seconds of ``repeats`` calls after a warm-up call (``repeats=0``: one call, compilation included,
-    for sizes where a call takes minutes)."""
-    if repeats == 0:
-        t = time.perf_counter()
-        jax.block_until_ready(fn())
-        return time.perf_counter() - t
-    jax.block_until_ready(fn())
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        jax.block_until_ready(fn())
-        times.append(time.perf_counter() - t)
-    return float(np.median(times))
+from lnjax.app.report import write_json
+from lnjax.app.timing import median_seconds
 
 
 def _stats(d, rows, seed=0):
@@ -67,14 +52,14 @@ def bench_whitening(sizes, repeats, max_iter, rows_factors=(None, 5)):
     for d in sizes:
         m = jnp.ones((d, d), jnp.float32)
         matmul = jax.jit(lambda x: jnp.matmul(x, x, precision=hp))
-        t_mm = _median(lambda: matmul(m), max(repeats, 1))
+        t_mm = median_seconds(lambda: matmul(m), max(repeats, 1))
         print(json.dumps({"d": d, "matmul_s": t_mm, "matmul_gflops": 2 * d ** 3 / t_mm / 1e9}), flush=True)
         for factor in rows_factors:
             rows = d + 300 if factor is None else factor * d
             s = _stats(d, rows)
             last = {}
-            t_e = _median(lambda: last.__setitem__("e", eigh(s)) or last["e"], repeats)
-            t_n = _median(lambda: last.__setitem__("n", ns(s)) or last["n"], repeats)
+            t_e = median_seconds(lambda: last.__setitem__("e", eigh(s)) or last["e"], repeats)
+            t_n = median_seconds(lambda: last.__setitem__("n", ns(s)) or last["n"], repeats)
             a, b = np.asarray(last["e"], np.float64), np.asarray(last["n"][0], np.float64)
             sigma = np.asarray(s.scatter_v, np.float64) - np.asarray(s.scatter_v_c, np.float64)
             w, v = np.linalg.eigh(0.5 * (sigma + sigma.T) / max(rows - d - 1, 1))
@@ -124,7 +109,7 @@ def bench_turns(shape, turns, repeats, dtype, seed=0):
             state["carry"], d = fn(state["carry"], frozen, xs)
             return d
 
-        out["per_turn_s"][name] = _median(run, repeats) / turns
+        out["per_turn_s"][name] = median_seconds(run, repeats) / turns
         print(f"{name}: {out['per_turn_s'][name] * 1e3:.1f} ms per turn ({time.time() - t0:.0f}s with compiles)",
               flush=True)
     p = out["per_turn_s"]
@@ -157,9 +142,7 @@ def main():
         out["turns"] = bench_turns(args.shape, args.turns, args.repeats, args.dtype)
     out["seconds"] = time.time() - t0
     if args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json, "w") as f:
-            json.dump(out, f, indent=1)
+        write_json(args.json, out)
 
 
 if __name__ == "__main__":

@@ -36,7 +36,8 @@ from lnjax import eval as ev
 from lnjax.core.turns import pack, pack_turns, probe_length
 from lnjax.app.hparams import FAIR_TESTBED_HPARAMS
 from lnjax.world.memory_testbed import DEFAULT_TARGETS, FAIR_SETTINGS, default_testbed
-from lnjax.app.plots import pyplot
+from lnjax.app.plots import pyplot, save_figure
+from lnjax.app.report import write_json
 from lnjax.eval.step_scale import value_step_scale
 from lnjax.engine.sequence import ChunkEnd, Hook, edit_sequence
 from lnjax.world import default_world
@@ -202,8 +203,7 @@ def main(argv=None):
 
         def save(points, name=name, settings=settings):
             report["editors"][name] = {"settings": settings, "points": points, "finished": False}
-            with open(path, "w") as f:
-                json.dump(report, f, indent=1)
+            write_json(path, report)
 
         res = edit_sequence(model, make_editor(name, settings), ctx["batches"], DEFAULT_TARGETS, warmup=warm,
                             chunk=args.eval_every, hooks=[Probe(ctx, name, settings, args.eval_every, save)],
@@ -216,8 +216,7 @@ def main(argv=None):
         entry["fig1b"] = fresh_comparison(ctx, name, settings, res.params, args)
         entry["finished"] = True
         report["editors"][name] = entry
-        with open(path, "w") as f:
-            json.dump(report, f, indent=1)
+        write_json(path, report)
         plot(report, os.path.join(args.out, "horizon.png"))
         print(json.dumps({"editor": name, "wall_seconds": entry["wall_seconds"], "fig1b": entry["fig1b"]}),
               flush=True)
@@ -258,8 +257,7 @@ def collect(out: str) -> None:
         entry["edits_done"] = entry["points"][-1]["edits"] if entry["points"] else 0
         entry["degradation"] = onset(entry["points"])
         print(json.dumps({"editor": name, "edits_done": entry["edits_done"], **entry["degradation"]}))
-    with open(os.path.join(out, "horizon.json"), "w") as f:
-        json.dump(merged, f, indent=1)
+    write_json(os.path.join(out, "horizon.json"), merged)
     plot(merged, os.path.join(out, "horizon.png"))
 
 
@@ -276,9 +274,7 @@ def plot(report: dict, path: str) -> None:
         ax.set_xlabel("edits so far")
         if key.startswith("scale"):
             ax.set_yscale("log")
-    axes[0, 0].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    save_figure(fig, axes[0, 0], path)
 
 
 if __name__ == "__main__":

@@ -26,6 +26,8 @@ from lnjax.core.errors import CheckpointError, DataError
 from lnjax.io import checkpoint
 from lnjax.models import Model, ModelConfig, init_params
 
+from fixtures import NoPunct
+
 ROOT = Path(__file__).resolve().parents[1]
 WORLD_MODEL = str(ROOT / "lnjax" / "assets" / "world_model")
 
@@ -74,17 +76,6 @@ def digest(directory: Path) -> str:
             h.update(str(p.relative_to(directory)).encode())
             h.update(p.read_bytes())
     return h.hexdigest()
-
-
-class NoPunct:
-    """A tokenizer that drops punctuation-only words, so an answer like '!!' tokenizes to nothing."""
-
-    def __init__(self, tok):
-        self.tok = tok
-
-    def encode(self, text, add_special_tokens=True):
-        kept = " ".join(w for w in text.split() if any(ch.isalnum() for ch in w))
-        return self.tok.encode(kept, add_special_tokens) if kept or add_special_tokens else []
 
 
 def world_tok():

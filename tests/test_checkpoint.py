@@ -7,20 +7,12 @@ import pytest
 
 import lnjax as lx
 from lnjax.io import checkpoint
-from lnjax.core.turns import pack_turns
-from lnjax.models import Model, ModelConfig, get_module, init_params
+from lnjax.models import get_module
 from lnjax.engine.sequence import NonFiniteShift, edit_sequence
 
-CFG = ModelConfig(arch="llama", vocab_size=41, d_model=16, n_layers=2, n_heads=2, d_ff=24)
+from fixtures import small_model_and_turns
+
 TARGETS = ["model.layers.0.mlp.down_proj", "model.layers.1.mlp.down_proj"]
-
-
-def _setup(n_turns=6):
-    model = Model(CFG, init_params(CFG, jax.random.PRNGKey(0), std=0.3))
-    rng = np.random.default_rng(0)
-    ex = [(list(rng.integers(1, 41, rng.integers(2, 5))), list(rng.integers(1, 41, rng.integers(1, 3))))
-          for _ in range(10 * n_turns)]
-    return model, pack_turns(ex, 10)[0]
 
 
 def test_editor_state_round_trip(tmp_path):
@@ -47,7 +39,7 @@ class _Crash(Exception):
 
 
 def test_interrupted_and_resumed_run_is_bit_identical(tmp_path):
-    model, tb = _setup()
+    model, tb = small_model_and_turns(6)
     ed = lx.editors.stableedit(lr=0.05, alpha=1.0)
     full = edit_sequence(model, ed, tb, TARGETS, chunk=2, progress=False)
 
@@ -84,7 +76,7 @@ def test_interrupted_and_resumed_run_is_bit_identical(tmp_path):
 
 
 def test_resume_with_another_config_is_refused(tmp_path):
-    model, tb = _setup(2)
+    model, tb = small_model_and_turns(2)
     ck = str(tmp_path / "ck")
     edit_sequence(model, lx.editors.ultraedit(lr=0.01), tb, TARGETS, chunk=1, progress=False, checkpoint_dir=ck)
     with pytest.raises(checkpoint.ConfigMismatch, match="editor"):
@@ -93,7 +85,7 @@ def test_resume_with_another_config_is_refused(tmp_path):
 
 
 def test_non_finite_shifts_skip_or_stop(tmp_path):
-    model, tb = _setup(3)
+    model, tb = small_model_and_turns(3)
     ed = lx.editors.ultraedit(lr=float("inf"))
     res = edit_sequence(model, ed, tb, TARGETS, chunk=2, progress=False)
     assert res.diagnostics["rejected"].tolist() == [1, 2, 3]

@@ -1,11 +1,12 @@
 import json
 
-import numpy as np
 import pytest
 
 from lnjax import data
 from lnjax.data import DataError
 from lnjax.world import World, WorldSpec
+
+from fixtures import NoPunct
 
 ZSRE = [{"subject": "Ann", "src": f"Who is Ann's father{'?' * (i + 1)}", "pred": "Bob",
          "rephrase": "Ann's father is who?", "alt": "Carl", "ans": "Carl", "loc": "nq question: where is paris",
@@ -124,25 +125,14 @@ def test_tokenization_errors_name_row_and_field():
     assert p[0] == 1 and len(a) >= 1 and p == tok.encode(recs[0].prompt)
     bad = [recs[0], data.EditRecord("where does x live ?", "!!", "p", "l", "x", source="f.json", row=7)]
     with pytest.raises(DataError, match=r"f.json: row 7: field 'target': answer '!!' tokenizes to nothing"):
-        data.tokenize(bad, _NoPunct(tok), strict=True)
+        data.tokenize(bad, NoPunct(tok), strict=True)
     with pytest.raises(DataError, match=r"world: row 0: field 'edit': \d+ tokens, more than the maximum length 3"):
         data.tokenize(recs, tok, max_length=3)
     with pytest.raises(data.UnusableRow, match="tokenizes to nothing"):
-        data.tokenize(bad, _NoPunct(tok), strict=True)
+        data.tokenize(bad, NoPunct(tok), strict=True)
     report = data.ReadReport()
-    assert len(data.tokenize(bad, _NoPunct(tok), report=report)) == 1
+    assert len(data.tokenize(bad, NoPunct(tok), report=report)) == 1
     assert report.skipped == [{"file": "f.json", "row": 7, "field": "target", "reason": "answer '!!' tokenizes to nothing"}]
-
-
-class _NoPunct:
-    """A tokenizer that drops punctuation-only words, so some answers tokenize to nothing."""
-
-    def __init__(self, tok):
-        self.tok = tok
-
-    def encode(self, text, add_special_tokens=True):
-        kept = " ".join(w for w in text.split() if any(ch.isalnum() for ch in w))
-        return self.tok.encode(kept, add_special_tokens) if kept or add_special_tokens else []
 
 
 def test_world_is_deterministic_and_splits_are_disjoint():

@@ -15,6 +15,8 @@ from lnjax.models.probe import turn_features
 from lnjax.core.turns import pack
 from lnjax.world import default_world
 
+from fixtures import random_memory
+
 
 def test_anchored_reads_at_the_latest_anchor_for_offsets_positions():
     ids = jnp.asarray([[5, 9, 6, 7, 8, 4, 6, 3], [6, 1, 1, 1, 1, 1, 1, 1]])
@@ -51,10 +53,7 @@ def _reference(x, ids, mem, t, anchor, offsets, winner):
 def test_anchored_cosine_read_matches_float64_reference(winner):
     rng = np.random.default_rng(0)
     d, keys, offsets, t = 8, 6, 3, 0.2
-    k = rng.normal(size=(d, keys))
-    mem = {"in_proj": {"kernel": rng.normal(size=(d, d)), "bias": rng.normal(size=(d,))},
-           "key_proj": {"kernel": k / np.linalg.norm(k, axis=0), "bias": np.zeros(keys)},
-           "value_proj": {"kernel": rng.normal(size=(keys * offsets, d))}}
+    mem = random_memory(rng, d, keys, offsets)
     ids = np.asarray([[2, 7, 3, 4, 5, 6, 7, 1], [7, 2, 2, 7, 2, 2, 2, 2]])
     x = rng.normal(size=(2, 8, d))
     want = _reference(x, ids, mem, t, 7, offsets, winner)

@@ -19,6 +19,8 @@ from lnjax.models import Model, ModelConfig, init_params
 from lnjax.models.layers import memory_read
 from lnjax.world import World, WorldSpec, fair, memory_testbed
 
+from fixtures import random_memory
+
 
 @pytest.fixture(scope="module")
 def world():
@@ -146,10 +148,7 @@ def test_check_protocol_fires_on_a_corrupted_protocol(world, split):
 def test_winner_read_by_gather_equals_the_dense_code():
     rng = np.random.default_rng(0)
     d, keys, offsets, t = 8, 5, 3, 0.1
-    k = rng.normal(size=(d, keys))
-    mem = {"in_proj": {"kernel": rng.normal(size=(d, d)), "bias": rng.normal(size=(d,))},
-           "key_proj": {"kernel": k / np.linalg.norm(k, axis=0), "bias": np.zeros(keys)},
-           "value_proj": {"kernel": rng.normal(size=(keys * offsets, d))}}
+    mem = random_memory(rng, d, keys, offsets)
     x = jnp.asarray(rng.normal(size=(2, 6, d)), jnp.float32)
     ids = jnp.asarray([[1, 7, 2, 3, 4, 5], [7, 2, 7, 3, 3, 3]])
     from lnjax.models.layers import anchored

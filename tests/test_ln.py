@@ -38,6 +38,28 @@ def test_one_row_segments_do_not_make_nan_in_ddof1():
     assert np.all(np.isfinite(np.asarray(st.m2)))
 
 
+def test_masked_rows_holding_nan_or_inf_leave_the_statistics_as_zeros_would():
+    """A padding row may hold anything (a NaN from a failed probe): it must not reach any sum. Under jit, with the
+    mask and segments traced, as the engine runs it."""
+    rng = np.random.default_rng(4)
+    z = _rows(rng, 12, 7)
+    mask = np.ones(12, bool)
+    mask[[2, 9]] = False
+    seg = (np.arange(12) // 4).astype(np.int32)
+    bad, clean = z.copy(), z.copy()
+    bad[2, :] = np.nan
+    bad[9, 3] = np.inf
+    clean[[2, 9]] = 0.0
+    upd = jax.jit(lambda st, z, m, s: ln.update(st, z, m, s, 3, "ddof1"))
+    st0 = ln.update(ln.init(4, 3, True), jnp.asarray(_rows(rng, 5, 7)))
+    a = upd(st0, jnp.asarray(bad), jnp.asarray(mask), jnp.asarray(seg))
+    b = upd(st0, jnp.asarray(clean), jnp.asarray(mask), jnp.asarray(seg))
+    for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)):
+        assert np.all(np.isfinite(np.asarray(x)))
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    assert int(a.count) == 5 + 10
+
+
 def test_merge_equals_update_on_union():
     rng = np.random.default_rng(1)
     a_rows, b_rows = _rows(rng, 50, 6), _rows(rng, 70, 6, loc=-3.0)

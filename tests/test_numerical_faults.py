@@ -13,21 +13,14 @@ import pytest
 
 import lnjax as lx
 from lnjax.app import cli
-from lnjax.core.turns import IGNORE, pack_turns
+from lnjax.core.turns import IGNORE
 from lnjax.engine.sequence import NonFiniteShift, edit_sequence
-from lnjax.models import Model, ModelConfig, get_module, init_params
+from lnjax.models import get_module
 
-CFG = ModelConfig(arch="llama", vocab_size=41, d_model=16, n_layers=2, n_heads=2, d_ff=24)
+from fixtures import small_model_and_turns
+
 TARGETS = ["model.layers.0.mlp.down_proj", "model.layers.1.mlp.down_proj"]
 LN_EDITORS = ("ultraedit", "stableedit", "no_normalization", "stableedit_algorithm1")
-
-
-def _model_and_turns(n_turns=3):
-    model = Model(CFG, init_params(CFG, jax.random.PRNGKey(0), std=0.3))
-    rng = np.random.default_rng(0)
-    ex = [(list(rng.integers(1, 41, rng.integers(2, 5))), list(rng.integers(1, 41, rng.integers(1, 3))))
-          for _ in range(10 * n_turns)]
-    return model, pack_turns(ex, 10)[0]
 
 
 def _kernel(params, t=TARGETS[0]):
@@ -45,7 +38,7 @@ def _features(rng, n, zero_keys=False, d_in=6, d_out=4):
 
 @pytest.mark.parametrize("name", ("ultraedit", "stableedit"))
 def test_a_turn_of_padding_is_a_zero_shift_with_statistics_unchanged(name):
-    model, tb = _model_and_turns(3)
+    model, tb = small_model_and_turns(3)
     labels = np.asarray(tb.labels).copy()
     labels[1] = IGNORE                       # turn 1: every edit is padding (no supervised position)
     padded = tb.replace(labels=labels)
@@ -96,7 +89,7 @@ def test_alpha_zero_is_exact_when_solvable_and_rejected_when_singular(name):
 def test_a_huge_lr_is_rejected_whole(lr):
     """lr = 1e30 gives finite entries (~1e30) whose squared norm overflows float32: rejected like an inf, since
     the weights it would leave could not be edited back."""
-    model, tb = _model_and_turns(3)
+    model, tb = small_model_and_turns(3)
     ed = lx.editors.ultraedit(lr=lr)
     res = edit_sequence(model, ed, tb, TARGETS, chunk=2, progress=False)
     assert res.diagnostics["rejected"].tolist() == [1, 2, 3] and int(res.editor_state.turns) == 0

@@ -46,9 +46,11 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--debug", action="store_true", help="show the traceback of an error (accepted anywhere)")
     sub = ap.add_subparsers(dest="command", required=True)
     r = sub.add_parser("run", help="sequential editing runs of several editors, evaluated and written to --out",
-                       description="With no arguments: StableEdit, UltraEdit and the no-normalization ablation over "
-                                   "2,000 sequential edits (20 turns of 100) on the embedded world, edited in the "
-                                   "fact memory of the default testbed (lnjax.world.memory_testbed).")
+                       description="With no arguments: StableEdit and UltraEdit beside the no-normalization ablation "
+                                   "at UltraEdit's lr, the un-normalized solve at its own tuned lr and per-turn "
+                                   "normalization, 1,000 sequential edits (10 turns of 100) for each of 3 edit "
+                                   "seeds, on the fair protocol of the default testbed (lnjax.world.fair, "
+                                   "lnjax.world.memory_testbed).")
     add_config_options(r)  # every RunConfig field, its default and help from the field
     r.add_argument("--out", default=None, help="run directory (default runs/<timestamp>)")
     r.add_argument("--skip-bad-rows", action="store_true", help=argparse.SUPPRESS)  # deprecated: now the default

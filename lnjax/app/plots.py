@@ -15,6 +15,14 @@ def pyplot():
     return plt
 
 
+def save_figure(fig, legend_axes, path: str) -> None:
+    """Small legend on ``legend_axes``, tight layout, ``path`` written at 100 dpi, the figure closed."""
+    legend_axes.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    pyplot().close(fig)
+
+
 def plot_run(out_dir: str, results: dict, diag_lines: list[dict]) -> list[str]:
     """``metrics.png`` (metrics vs edits so far) and ``updates.png`` (‖ΔW‖ and consecutive cosine per turn)."""
     plt = pyplot()

@@ -62,6 +62,16 @@ def data_section(source: Optional[str], read_report) -> dict:
             "n_skipped": len(read_report.skipped), "skipped": list(read_report.skipped)}
 
 
+def write_json(path: str, obj, indent: int = 1) -> None:
+    """``obj`` as indented JSON at ``path`` (parent folders created), written to a temporary file and renamed so
+    that a killed script never leaves half a results file."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=indent)
+    os.replace(tmp, path)
+
+
 def write_config_and_results(out_dir: str, config: dict, results: dict) -> None:
     """``config.json`` and ``results.json`` (indented JSON) in ``out_dir``, created if needed."""
     os.makedirs(out_dir, exist_ok=True)
