@@ -10,6 +10,14 @@ unedited model on the random kept facts and each locality family. The rule: the 
 ``--out`` (JSON) with a frontier plot beside it; ``lnjax.app.hparams.FAIR_TESTBED_HPARAMS`` holds the chosen values.
 
     python experiments/tune_fair.py --out experiments/results/fair_protocol/tuning.json
+    python experiments/tune_fair.py --editors ft,ft_unconstrained --out experiments/results/fair_protocol/tuning_ft.json
+    python experiments/tune_fair.py --editors ft_unconstrained_scaled --out experiments/results/fair_protocol/tuning_ft_scaled.json
+
+FT (``lnjax.editors.ft``, FT-M) edits the same module (the memory's ``value_proj``) with the same budget: its lr on
+the grid around its published 5e-4, once with the published L∞ box ε = 5e-5 and once without a box; and, without a
+box, on a grid around 10 (``CENTRES``: the lr at which its steps reach the memory's value scale). MEMIT and
+AlphaEdit are not in the grid: the memory's keys are 36,000 wide, so their key second moment is a 36,000² matrix
+(5.2 GB in float32) that MEMIT solves and AlphaEdit takes the SVD of every turn.
 """
 
 import argparse
@@ -23,7 +31,8 @@ from lnjax import editors
 from lnjax.world import fair
 from lnjax.app.hparams import uses_warmup
 from lnjax.world.memory_testbed import DEFAULT_TARGETS, FAIR_SETTINGS, default_testbed
-from lnjax.app.plots import pyplot
+from lnjax.app.plots import pyplot, save_figure
+from lnjax.app.report import write_json
 from lnjax.engine.sequence import edit_sequence
 from lnjax.world import default_world
 
@@ -34,7 +43,24 @@ CENTRES = {
     "stableedit": ("stableedit", 10.0, 100.0),
     "no_normalization_tuned": ("no_normalization", 1.0, 1e8),
     "per_turn_normalization": ("per_turn_normalization", 1.0, 3.0),
+    "ft": ("ft", None, 5e-4),
+    "ft_unconstrained": ("ft", None, 5e-4),
+    # Centred where 25 Adam steps (per-coordinate step ~lr) can move a memory value row, which starts at zero, to
+    # the residual stream's size at the memory (norm ~3,000 over 128 coordinates): 3000 / sqrt(128) / 25 ≈ 10. Set
+    # after the grid around 5e-4 wrote nothing (tuning_ft.json), before this grid ran.
+    "ft_unconstrained_scaled": ("ft", None, 10.0),
 }
+# Options beside lr for the editors that are not a ridge solve (no alpha).
+FT_OPTIONS = {"ft": {}, "ft_unconstrained": {"norm_constraint": None},
+              "ft_unconstrained_scaled": {"norm_constraint": None}}
+
+
+def make_editor(name: str, lr: float, model):
+    """The registry editor of tuning entry ``name`` at ``lr``."""
+    base, alpha, _ = CENTRES[name]
+    if base == "ft":
+        return editors.get("ft", apply=model.apply, lr=lr, **FT_OPTIONS[name])
+    return editors.get(base, lr=lr, alpha=alpha)
 
 
 def grid(centre: float, points: int) -> list:
@@ -68,14 +94,14 @@ def main(argv=None):
         base, alpha, centre = CENTRES[name]
         for lr in grid(centre, args.points):
             t0 = time.time()
-            res = edit_sequence(model, editors.get(base, lr=lr, alpha=alpha), job.batches, DEFAULT_TARGETS,
+            res = edit_sequence(model, make_editor(name, lr, model), job.batches, DEFAULT_TARGETS,
                                 warmup=job.warmup if uses_warmup(base) else None, chunk=args.turns, progress=False)
             row = {"editor": name, "base": base, "lr": lr, "alpha": alpha,
                    **fair.evaluate(model.apply, res.params, job), "seconds": time.time() - t0}
             rows.append(row)
             print(json.dumps(row), flush=True)
         best = choose([r for r in rows if r["editor"] == name])
-        chosen[name] = {"editor": base, "lr": best["lr"], "alpha": alpha}
+        chosen[name] = {"editor": base, "lr": best["lr"], "alpha": alpha, **FT_OPTIONS.get(name, {})}
         print(json.dumps({"chosen": name, **chosen[name], "score": best["score"]}), flush=True)
     command = "python experiments/tune_fair.py " + " ".join(sys.argv[1:] if argv is None else argv)
     out = {"command": command, "config": vars(args),
@@ -84,9 +110,7 @@ def main(argv=None):
            "grid": f"{args.points} lrs half a decade apart centred on CENTRES", "centres": CENTRES,
            "split": split.describe(), "tuned_subjects": "tune role", "seeds": [args.seed], "rows": rows,
            "chosen": chosen, "testbed": FAIR_SETTINGS}
-    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(out, f, indent=1)
+    write_json(args.out, out)
     plot(rows, os.path.splitext(args.out)[0] + ".png")
 
 
@@ -102,9 +126,7 @@ def plot(rows: list, path: str) -> None:
         ax.set_xscale("log")
         ax.set_title(name, fontsize=9)
         ax.set_xlabel("lr")
-    axes[0, 0].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    save_figure(fig, axes[0, 0], path)
 
 
 if __name__ == "__main__":

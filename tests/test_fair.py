@@ -170,3 +170,22 @@ def test_fair_testbed_hyperparameters_are_what_lnjax_run_resolves():
     # the same-lr ablation is UltraEdit's solve without normalization, at UltraEdit's lr (the papers' Fig. 1a)
     assert hparams.FAIR_TESTBED_HPARAMS["no_normalization"]["lr"] == hparams.FAIR_TESTBED_HPARAMS["ultraedit"]["lr"]
     assert hparams.registry_name("no_normalization_tuned") == "no_normalization"
+
+
+def test_model_baselines_on_the_testbed_edit_the_memory_at_their_tuned_settings():
+    """On the default testbed FT edits the run's targets (the memory) at its tuned settings, not the dense world
+    model's targets and published lr; MEMIT and AlphaEdit are refused with the reason."""
+    from lnjax.app import baselines
+    from fixtures import tiny_model
+    memory = ("model.layers.3.memory.value_proj",)
+    editor, targets, meta = baselines.for_run("ft", tiny_model(), memory, dataset="world", explicit_targets=False,
+                                              testbed=True, log=None)
+    assert targets == memory
+    assert meta["baseline_settings"] == hparams.FAIR_TESTBED_BASELINE_HPARAMS["ft"]
+    assert editor.config.lr == hparams.FAIR_TESTBED_BASELINE_HPARAMS["ft"]["lr"] > 1.0
+    assert editor.config.norm_constraint is None
+    off = baselines.for_run("ft", tiny_model(), memory, dataset="world", explicit_targets=False, log=None)[0]
+    assert off.config.lr != editor.config.lr   # off the testbed: the world model's settings
+    for name in ("memit", "alphaedit"):
+        with pytest.raises(ValueError, match="36,000"):
+            baselines.for_run(name, tiny_model(), memory, dataset="world", explicit_targets=False, testbed=True)

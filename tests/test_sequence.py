@@ -151,3 +151,23 @@ def test_unknown_target_path_is_reported():
     with pytest.raises(KeyError, match="model.layers.7"):
         edit_sequence(_model(), lx.editors.ultraedit(), pack_turns(_examples(4), 2)[0],
                       ["model.layers.7.mlp.down_proj"], progress=False)
+
+
+@pytest.mark.parametrize("positions", ["answer", "all"])
+def test_probe_projecting_only_supervised_positions_equals_the_full_logits(positions):
+    """``Model.apply`` splits (hidden states, vocabulary projection), so the probe projects only the supervised
+    positions; an opaque ``apply`` gives every position's logits. Loss, keys and value gradients agree."""
+    model = tiny_model()
+    batch = pack(_examples(13, seed=3), 32)
+    opaque = lambda p, i, a: model.apply(p, i, a)   # not a partial of the architecture: cannot be split
+    assert lx.models.split_apply(model.apply) is not None and lx.models.split_apply(opaque) is None
+    got = [jax.jit(lambda p, b, ap=ap: turn_features(ap, p, _TARGETS, b, minibatch_size=4, positions=positions))(
+        model.params, batch) for ap in (model.apply, opaque)]
+    (fa, la, na), (fb, lb, nb) = got
+    assert int(na) == int(nb) > 0 and float(la) > 0
+    np.testing.assert_allclose(float(la), float(lb), rtol=1e-6)
+    for t in _TARGETS:
+        g = np.asarray(fb[t].value_grads)
+        assert np.abs(g).max() > 0
+        np.testing.assert_allclose(np.asarray(fa[t].value_grads), g, rtol=1e-5, atol=1e-6 * np.abs(g).max())
+        np.testing.assert_array_equal(np.asarray(fa[t].keys), np.asarray(fb[t].keys))

@@ -62,19 +62,27 @@ def make_editor(name: str, model, targets: Sequence[str], *, world=None, npz: Op
 
 
 def for_run(name: str, model, targets: Sequence[str], *, dataset: str, explicit_targets: bool, lr=None,
-            options: Optional[dict] = None, log: Optional[Callable[[str], None]] = print):
-    """``(editor, targets, metadata)`` of baseline ``name`` in an ``lnjax run``: on the world dataset its world
-    settings (``hparams.MODEL_BASELINE_WORLD_HPARAMS``) and, unless the run names its targets, its world targets; ``lr``
+            options: Optional[dict] = None, log: Optional[Callable[[str], None]] = print, testbed: bool = False):
+    """``(editor, targets, metadata)`` of baseline ``name`` in an ``lnjax run``. On the default testbed
+    (``testbed``) it edits the run's targets (the memory) at ``hparams.FAIR_TESTBED_BASELINE_HPARAMS`` (MEMIT and
+    AlphaEdit are refused there); elsewhere on the world dataset its world settings
+    (``hparams.MODEL_BASELINE_WORLD_HPARAMS``) and, unless the run names its targets, its world targets. ``lr``
     (FT only) and ``options`` override. Off the world MEMIT and AlphaEdit need ``options["npz"]``
     ({target: MEMIT-format .npz})."""
     from lnjax.world import default_world
+    if testbed and name in hparams.FAIR_TESTBED_UNSUPPORTED:
+        raise ValueError(f"{name} does not run on the default testbed: the memory it would edit has 36,000-wide "
+                         "keys, so its key second moment is a 36,000 x 36,000 matrix (5.2 GB) that it inverts (or "
+                         "decomposes) every turn; run it on the dense world model (--model lnjax/assets/world_model)")
     on_world = dataset == "world"
-    opts = {**(hparams.MODEL_BASELINE_WORLD_HPARAMS.get(name, {}) if on_world else {}), **(options or {})}
+    table = (hparams.FAIR_TESTBED_BASELINE_HPARAMS if testbed
+             else hparams.MODEL_BASELINE_WORLD_HPARAMS if on_world else {})
+    opts = {**table.get(name, {}), **(options or {})}
     npz = opts.pop("npz", None)
     if lr is not None and name == "ft":
         opts["lr"] = lr
-    if on_world and not explicit_targets:
+    if on_world and not explicit_targets and not testbed:
         targets = hparams.MODEL_BASELINE_WORLD_TARGETS.get(name, targets)
     editor, meta = make_editor(name, model, targets, world=default_world() if on_world else None, npz=npz,
                                options=opts, log=log)
-    return editor, tuple(targets), meta
+    return editor, tuple(targets), {**meta, "baseline_settings": dict(opts)}

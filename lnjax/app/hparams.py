@@ -82,6 +82,10 @@ FAIR_TUNING = {
               "the same for every editor",
     "rule": "max mean(ES, GS, lowest locality over the random set and every family); ties to the smaller lr",
     "same_lr_ablation": "no_normalization takes UltraEdit's tuned lr (not tuned itself)",
+    "ft": "FAIR_TESTBED_BASELINE_HPARAMS: the same budget on a grid around its published 5e-4, with and without "
+          "the L-inf box (experiments/results/fair_protocol/tuning_ft.json: nothing written at any point), then "
+          "without the box around 10, the lr whose Adam steps reach the memory's value scale "
+          "(tuning_ft_scaled.json; python experiments/tune_fair.py --turns 5 --editors ft_unconstrained_scaled)",
 }
 # Run names that are a registry editor at other settings (``registry_name``).
 RUN_ALIASES = {name: v["editor"] for name, v in FAIR_TESTBED_HPARAMS.items() if v["editor"] != name}
@@ -96,6 +100,15 @@ MODEL_BASELINES = ("ft", "memit", "alphaedit")
 # The meta-trained hypernetwork editors (lnjax.editors.hypernet): their edit lr and ridge are learned, not set here.
 META_TRAINED = ("rledit", "malmen", "mend", "rledit_no_normalization", "malmen_no_normalization",
                 "mend_no_normalization")
+# FT on the default (fair) testbed, edited at the memory's value_proj like every other editor there: FT-M without
+# the L-inf box (the published eps = 5e-5 box writes nothing at any lr of its grid: the memory's values start at
+# zero and must reach the residual stream's scale), lr chosen with the LN editors' budget on the tune subjects
+# (experiments/tune_fair.py: tuning_ft.json, tuning_ft_scaled.json; the largest lr of the grid). MEMIT and
+# AlphaEdit have no row: the memory's 36,000-wide keys make their key second moment 36,000 x 36,000.
+FAIR_TESTBED_BASELINE_HPARAMS = {
+    "ft": {"lr": 316.22776601683796, "norm_constraint": None},
+}
+FAIR_TESTBED_UNSUPPORTED = ("memit", "alphaedit")
 # The model-running baselines' settings on the embedded world (the paragraph above MODEL_BASELINES); a table of
 # its own, not the LN editors' WORLD_HPARAMS.
 MODEL_BASELINE_WORLD_HPARAMS = {

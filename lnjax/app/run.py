@@ -346,7 +346,7 @@ def run_editor(name: str, cfg: RunConfig, model, targets: tuple, job: Job, *, ch
     if name in baselines.MODEL_EDITORS:  # FT, MEMIT, AlphaEdit run the model: built with their statistics
         editor, targets, extra = baselines.for_run(name, model, targets, dataset=cfg.dataset,
                                                    explicit_targets=cfg.targets is not None, lr=cfg.lr,
-                                                   options=cfg.editor_options)
+                                                   options=cfg.editor_options, testbed=fair_protocol(cfg))
         batches = job.edits.edit_turns()
         extra = {**extra, "targets": list(targets)}
     else:
@@ -423,7 +423,9 @@ def run(cfg: RunConfig, out_dir: Optional[str] = None, log: Callable[[str], None
                               resume, on_nonfinite, device_mesh))
     results, diag_lines, timings, job = runs[0] if len(runs) == 1 else _over_seeds(runs, seeds)
     for name in cfg.editors:
-        results["editors"][name]["settings"] = {"editor": hparams.registry_name(name), **editor_settings(name, cfg)}
+        # a model-running baseline reports the settings it was built with (e.g. FT's tuned lr on the testbed)
+        results["editors"][name]["settings"] = {"editor": hparams.registry_name(name), **editor_settings(name, cfg),
+                                                **results["editors"][name].pop("baseline_settings", {})}
     results["metadata"] = report.metadata(
         cfg.to_json(), params=model.params, targets=targets, edit_labels=job.batches.labels,
         warmup_turns=job.warm_turns, timings=timings,

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 # TurnBatch is re-exported (lnjax.models.probe.TurnBatch).
 from lnjax.core.turns import IGNORE, REFERENCE_MINIBATCH_SIZE, TurnBatch  # noqa: F401
 from lnjax.core.features import Features
-from lnjax.models import get_module, with_module_leaf
+from lnjax.models import get_module, split_apply, with_module_leaf
 
 
 class Tap:
@@ -53,6 +53,32 @@ def token_log_likelihood(logits: jax.Array, labels: jax.Array) -> tuple[jax.Arra
     logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
     picked = jnp.take_along_axis(logp, jnp.where(sup, labels, 0)[..., None], axis=-1)[..., 0]
     return jnp.where(sup, -picked, 0.0), sup
+
+
+def weighted_answer_loss(apply: Callable, params, ids: jax.Array, attn: jax.Array, labels: jax.Array,
+                         weights: jax.Array, max_rows: int) -> jax.Array:
+    """``sum(weights * token cross-entropy)`` over the supervised positions of ids / attn / labels / weights
+    [E, L] (a scalar).
+
+    For a model ``apply`` that splits into hidden states and a vocabulary projection (``split_apply``), only the
+    supervised positions, gathered into ``max_rows`` fixed slots (at least as many as there are), are projected
+    to the vocabulary: the loss needs nothing else, and at SmolLM2's 49,152 tokens the projection and log-softmax
+    of every position of a turn cost as much as the layers above the lowest edited one. Otherwise the logits of
+    every position, as ``token_log_likelihood`` takes them."""
+    parts = split_apply(apply)
+    if parts is None:
+        ce, _ = token_log_likelihood(apply(params, ids, attn), labels)
+        return jnp.sum(ce * weights)
+    hidden, head = parts
+    E, L = ids.shape
+    sup = (labels != IGNORE).reshape(-1)
+    (idx,) = jnp.nonzero(sup, size=max_rows, fill_value=0)
+    real = jnp.arange(max_rows) < jnp.sum(sup)
+    h = hidden(params, ids, attn).reshape(E * L, -1)[idx]                    # [max_rows, d_model]
+    logp = jax.nn.log_softmax(head(params, h).astype(jnp.float32), axis=-1)  # [max_rows, vocab]
+    target = jnp.where(real, labels.reshape(-1)[idx], 0)
+    picked = jnp.take_along_axis(logp, target[:, None], axis=-1)[:, 0]
+    return jnp.sum(jnp.where(real, -picked * weights.reshape(-1)[idx], 0.0))
 
 
 def minibatch_weights(labels: jax.Array, minibatch_size: int) -> tuple[jax.Array, jax.Array, int]:
@@ -103,11 +129,12 @@ def turn_features(apply: Callable, params, targets: Sequence[str], batch: TurnBa
         tapped = params
         for name, mod in modules.items():
             tapped = with_module_leaf(tapped, name, "kernel", Tap(mod["kernel"], probes[name], sink, name))
-        ce, _ = token_log_likelihood(apply(tapped, ids, attn), labels)
+        # max_rows slots hold every supervised position: they are the feature rows ("answer") or fewer ("all")
+        total = weighted_answer_loss(apply, tapped, ids, attn, labels, weights, max_rows)
         missing = [n for n in targets if n not in sink]
         if missing:
             raise ValueError(f"target(s) {missing} were never applied with `x @ kernel` by the model")
-        return jnp.sum(ce * weights), sink
+        return total, sink
 
     (total, inputs), grads = jax.value_and_grad(loss_fn, has_aux=True)(probes)
     if positions not in POSITIONS:
