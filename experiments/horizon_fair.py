@@ -55,7 +55,10 @@ class Probe(Hook):
 
     def chunk(self, end: ChunkEnd) -> None:
         applied = end.applied_turns
-        if applied == 0 or (applied % self.every and applied != self.ctx["turns"]):
+        before = int(np.sum(end.run.target_turn[:end.start] >= 0))   # edit turns applied before this chunk
+        # a point whenever the chunk crossed a multiple of ``every`` edit turns (chunks count warm-up turns too,
+        # so with StableEdit's warm-up they end 2 edit turns short of the multiples: points at 48, 98, ... turns)
+        if applied == 0 or (applied // self.every == before // self.every and applied != self.ctx["turns"]):
             return
         point = measure(self.ctx, end.params(), applied, end.carry.editor_state, self.settings)
         point["seconds"] = time.time() - self.t0
