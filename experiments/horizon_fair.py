@@ -54,8 +54,7 @@ class Probe(Hook):
         self.t0 = time.time()
 
     def chunk(self, end: ChunkEnd) -> None:
-        applied = end.applied_turns
-        before = int(np.sum(end.run.target_turn[:end.start] >= 0))   # edit turns applied before this chunk
+        applied, before = end.applied_turns, end.applied_before
         # a point whenever the chunk crossed a multiple of ``every`` edit turns (chunks count warm-up turns too,
         # so with StableEdit's warm-up they end 2 edit turns short of the multiples: points at 48, 98, ... turns)
         if applied == 0 or (applied // self.every == before // self.every and applied != self.ctx["turns"]):

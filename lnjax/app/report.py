@@ -74,10 +74,8 @@ def write_json(path: str, obj, indent: int = 1) -> None:
 
 def write_config_and_results(out_dir: str, config: dict, results: dict) -> None:
     """``config.json`` and ``results.json`` (indented JSON) in ``out_dir``, created if needed."""
-    os.makedirs(out_dir, exist_ok=True)
     for name, obj in (("config.json", config), ("results.json", results)):
-        with open(os.path.join(out_dir, name), "w") as f:
-            json.dump(obj, f, indent=2)
+        write_json(os.path.join(out_dir, name), obj, indent=2)
 
 
 def write_run_dir(out_dir: str, config: dict, results: dict, diag_lines: list[dict]) -> None:

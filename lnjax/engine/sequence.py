@@ -86,6 +86,11 @@ class ChunkEnd:
         return int(np.sum(self.run.target_turn[:self.turns_done] >= 0))
 
     @property
+    def applied_before(self) -> int:
+        """Edit (not warm-up) turns applied before this chunk."""
+        return int(np.sum(self.run.target_turn[:self.start] >= 0))
+
+    @property
     def carry(self) -> RunCarry:
         return self.run.carry
 

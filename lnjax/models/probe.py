@@ -75,10 +75,9 @@ def weighted_answer_loss(apply: Callable, params, ids: jax.Array, attn: jax.Arra
     (idx,) = jnp.nonzero(sup, size=max_rows, fill_value=0)
     real = jnp.arange(max_rows) < jnp.sum(sup)
     h = hidden(params, ids, attn).reshape(E * L, -1)[idx]                    # [max_rows, d_model]
-    logp = jax.nn.log_softmax(head(params, h).astype(jnp.float32), axis=-1)  # [max_rows, vocab]
-    target = jnp.where(real, labels.reshape(-1)[idx], 0)
-    picked = jnp.take_along_axis(logp, target[:, None], axis=-1)[:, 0]
-    return jnp.sum(jnp.where(real, -picked * weights.reshape(-1)[idx], 0.0))
+    # the fill slots (past the real rows) are unsupervised: their cross-entropy is 0
+    ce, _ = token_log_likelihood(head(params, h), jnp.where(real, labels.reshape(-1)[idx], IGNORE))
+    return jnp.sum(ce * weights.reshape(-1)[idx])
 
 
 def minibatch_weights(labels: jax.Array, minibatch_size: int) -> tuple[jax.Array, jax.Array, int]:
