@@ -13,7 +13,7 @@ unedited model on the random kept facts and each locality family. The rule: the 
     python experiments/tune_fair.py --editors ft,ft_unconstrained --out experiments/results/fair_protocol/tuning_ft.json
     python experiments/tune_fair.py --editors ft_unconstrained_scaled --out experiments/results/fair_protocol/tuning_ft_scaled.json
 
-FT (``lnjax.editors.ft``, FT-M) edits the same module (the memory's ``value_proj``) with the same budget: its lr on
+FT (``lnjax.editors.ft``, FT-M) edits the same module (the memory's ``value_proj``) with grids of the same shape: its lr on
 the grid around its published 5e-4, once with the published L∞ box ε = 5e-5 and once without a box; and, without a
 box, on a grid around 10 (``CENTRES``: the lr at which its steps reach the memory's value scale). MEMIT and
 AlphaEdit are not in the grid: the memory's keys are 36,000 wide, so their key second moment is a 36,000² matrix

@@ -82,7 +82,8 @@ FAIR_TUNING = {
               "the same for every editor",
     "rule": "max mean(ES, GS, lowest locality over the random set and every family); ties to the smaller lr",
     "same_lr_ablation": "no_normalization takes UltraEdit's tuned lr (not tuned itself)",
-    "ft": "FAIR_TESTBED_BASELINE_HPARAMS: the same budget on a grid around its published 5e-4, with and without "
+    "ft": "FAIR_TESTBED_BASELINE_HPARAMS: three 7-point grids (21 points, more than the others' 7): around its "
+          "published 5e-4, with and without "
           "the L-inf box (experiments/results/fair_protocol/tuning_ft.json: nothing written at any point), then "
           "without the box around 10, the lr whose Adam steps reach the memory's value scale "
           "(tuning_ft_scaled.json; python experiments/tune_fair.py --turns 5 --editors ft_unconstrained_scaled)",
@@ -102,8 +103,9 @@ META_TRAINED = ("rledit", "malmen", "mend", "rledit_no_normalization", "malmen_n
                 "mend_no_normalization")
 # FT on the default (fair) testbed, edited at the memory's value_proj like every other editor there: FT-M without
 # the L-inf box (the published eps = 5e-5 box writes nothing at any lr of its grid: the memory's values start at
-# zero and must reach the residual stream's scale), lr chosen with the LN editors' budget on the tune subjects
-# (experiments/tune_fair.py: tuning_ft.json, tuning_ft_scaled.json; the largest lr of the grid). MEMIT and
+# zero and must reach the residual stream's scale), lr chosen on the tune subjects with 7-point grids like the LN
+# editors', but three of them (21 points; experiments/tune_fair.py: tuning_ft.json, tuning_ft_scaled.json; the
+# largest lr of the last grid). MEMIT and
 # AlphaEdit have no row: the memory's 36,000-wide keys make their key second moment 36,000 x 36,000.
 FAIR_TESTBED_BASELINE_HPARAMS = {
     "ft": {"lr": 316.22776601683796, "norm_constraint": None},
