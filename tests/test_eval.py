@@ -153,3 +153,80 @@ def test_plan_buckets_covers_every_row_once_within_budget():
     # one huge compile cost: a single bucket at the longest length
     assert [(L, len(r)) for L, _, r in ev.plan_buckets(lengths, 256, compile_tokens=10 ** 9)] == [(60, 500)]
     assert ev.plan_buckets([], 256) == []
+
+
+STAGE_CASES = [ModelConfig(arch="llama", vocab_size=37, d_model=16, n_layers=3, n_heads=2, d_ff=32),
+               ModelConfig(arch="gpt2", vocab_size=37, d_model=16, n_layers=3, n_heads=2, d_ff=32),
+               ModelConfig(arch="gptj", vocab_size=37, d_model=16, n_layers=3, n_heads=2, d_ff=32)]
+
+
+def test_stages_cut_at_every_block_reproduce_the_hidden_states():
+    """``prefix`` to block s then ``suffix`` from s is the forward pass, for every cut s of every architecture;
+    ``first_block`` reads the lowest edited block from HF paths."""
+    from lnjax.models import split_stages
+    ids = jnp.asarray(np.random.default_rng(0).integers(1, 37, (3, 9)), jnp.int32)
+    mask = jnp.ones((3, 9), jnp.int32).at[2, 6:].set(0)
+    for cfg in STAGE_CASES:
+        model = Model(cfg, init_params(cfg, jax.random.PRNGKey(1), std=0.5))
+        st = split_stages(model.apply)
+        full = model.apply_hidden(model.params, ids, mask)
+        for s in range(cfg.n_layers + 1):
+            h = st.prefix(model.params, ids, mask, s)
+            np.testing.assert_allclose(st.suffix(model.params, h, ids, mask, s), full, rtol=1e-6, atol=1e-6)
+        blocks = ".".join(st.layers)
+        assert st.first_block([f"{blocks}.2.mlp.x", f"{blocks}.1.attn.y"]) == 1
+        assert st.first_block([f"{blocks}.2.mlp.x", "lm_head"]) is None
+    assert split_stages(lambda p, i, m: None) is None
+
+
+def _scaled(params, path, block, factor):
+    """``params`` with every kernel of one block scaled (a stand-in for an edit there); other leaves shared."""
+    out = jax.tree_util.tree_map(lambda x: x, params)
+    node = out
+    for k in path:
+        node = node[k]
+    node[block] = jax.tree_util.tree_map(lambda x: x * factor, node[block])
+    return out
+
+
+def test_frozen_prefix_serves_edits_above_it_exactly_and_refuses_edits_below():
+    """The unedited pass kept as prefix + rest predicts what one pass does; for parameters edited at or above
+    the cut the evaluation from the kept streams equals a full evaluation at every supervised position (also on a
+    subset of the records, as the during-run evaluations take); parameters edited below the cut, or with the
+    embeddings changed, are not served from it (and still evaluated right)."""
+    from lnjax.models import split_stages
+    rng = np.random.default_rng(4)
+    mk = lambda: (list(rng.integers(1, 37, rng.integers(2, 14))), list(rng.integers(1, 37, rng.integers(1, 5))))
+    es = ev.build_eval_set([TokenizedRecord(mk(), mk(), mk(), {}) for _ in range(30)])
+    protocols = ("teacher_forced", "locality_vs_unedited")
+    for cfg in STAGE_CASES:
+        model = Model(cfg, init_params(cfg, jax.random.PRNGKey(2), std=0.5))
+        layers = split_stages(model.apply).layers
+        plain = ev.predictions_of(model.apply, model.params, es.batches, budget=64)
+        kept, prefix = ev.frozen_prefix_predictions(model.apply, model.params, es.batches, 2, budget=64)
+        for k in plain:
+            np.testing.assert_array_equal(kept[k], plain[k])
+        cached = ev.EvalSet(es.batches, es.pairs, prefix)
+        above = _scaled(model.params, layers, 2, 1.7)
+        assert prefix.serves(model.apply, above)
+        changed = 0
+        for sub_idx in (np.arange(30), np.arange(12)):
+            full = ev.evaluate(model.apply, above, es.subset(sub_idx), plain["locality"][sub_idx], protocols,
+                               per_example=True)
+            fast = ev.evaluate(model.apply, above, cached.subset(sub_idx), plain["locality"][sub_idx], protocols,
+                               per_example=True)
+            for key, arr in full["per_example"].items():
+                np.testing.assert_array_equal(fast["per_example"][key], arr)
+            changed += int(full["locality_vs_unedited"] < 1.0)
+        assert changed, "the stand-in edit should change some predictions, or the check above proves nothing"
+        below = _scaled(model.params, layers, 1, 1.7)
+        assert not prefix.serves(model.apply, below)
+        np.testing.assert_array_equal(ev.predictions_of(model.apply, below, es.batches, prefix=prefix)["edit"],
+                                      ev.predictions_of(model.apply, below, es.batches)["edit"])
+        copied = jax.tree_util.tree_map(lambda x: jnp.array(x), model.params)  # equal arrays, not the same ones
+        assert prefix.serves(model.apply, copied)
+        emb = jax.tree_util.tree_map(lambda x: x, model.params)
+        top = emb["model"] if "model" in emb else emb["transformer"]
+        key = "embed_tokens" if "embed_tokens" in top else "wte"
+        top[key] = {"embedding": top[key]["embedding"] + 1.0}
+        assert not prefix.serves(model.apply, emb)

@@ -171,3 +171,66 @@ def test_probe_projecting_only_supervised_positions_equals_the_full_logits(posit
         assert np.abs(g).max() > 0
         np.testing.assert_allclose(np.asarray(fa[t].value_grads), g, rtol=1e-5, atol=1e-6 * np.abs(g).max())
         np.testing.assert_array_equal(np.asarray(fa[t].keys), np.asarray(fb[t].keys))
+
+
+def test_turn_from_the_kept_residual_stream_equals_the_full_turn():
+    """A turn whose probe starts from the unedited residual stream entering the lowest edited block
+    (``EditTurn.stream``, as ``PreparedEdits.streamed_turns`` builds it from the unedited evaluation's kept states)
+    gives the features, the shifts, the diagnostics' edit accuracy and the evaluation of the full forward pass,
+    over a run of several turns with a warm-up turn; a target below the stream's block is refused."""
+    import dataclasses
+    from lnjax.eval.prepare import prepare_edits
+    from lnjax.world import default_world
+    from fixtures import TINY_3_LAYERS
+    world = default_world()
+    tok = world.tokenizer()
+    model = tiny_model(cfg=dataclasses.replace(TINY_3_LAYERS, vocab_size=tok.vocab_size), std=0.4)
+    targets = ("model.layers.1.mlp.down_proj", "model.layers.2.mlp.down_proj")
+    job = prepare_edits(world.records("edit", 40, seed=2), tok, model, edits_per_turn=10,
+                        warmup_records=world.records("train", 10, seed=2), targets=targets)
+    assert job.eval_set.prefix is not None and job.eval_set.prefix.start == 1
+    warm = job.warmup_turns(1)
+    streamed, warm_streamed = job.streamed_turns(model, warm)
+    assert streamed.stream.shape == (4, 10, job.length, 16) and warm_streamed.stream_start == 1
+    one = jax.tree_util.tree_map(lambda a: a[1], streamed)
+    fa, la, na = turn_features(model.apply, model.params, targets, one.edit, max_rows=40)
+    fb, lb, nb = turn_features(model.apply, model.params, targets, one.edit, max_rows=40, stream=one.stream,
+                               stream_start=1)
+    assert int(na) == int(nb) > 0
+    np.testing.assert_allclose(float(lb), float(la), rtol=1e-6)
+    # the kept stream was computed in the evaluation's call shapes, not the turn's: float32 rounding apart, equal
+    for t in targets:
+        for name in ("keys", "value_grads"):
+            a, b = np.asarray(getattr(fa[t], name)), np.asarray(getattr(fb[t], name))
+            np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-5 * float(np.abs(a).max()))
+    with pytest.raises(ValueError, match="never applied"):
+        turn_features(model.apply, model.params, ("model.layers.0.mlp.down_proj",), one.edit, max_rows=40,
+                      stream=one.stream, stream_start=1)
+    editor = lx.editors.get("ultraedit", lr=1.0)
+    kw = dict(minibatch_size=10, track_accuracy=True, progress=False)
+    full = edit_sequence(model, editor, job.turns, targets, warmup=warm, **kw)
+    fast = edit_sequence(model, editor, streamed, targets, warmup=warm_streamed, **kw)
+    for t in targets:
+        a, b = (np.asarray(get_module(r.params, t)["kernel"]) for r in (full, fast))
+        assert np.abs(a - np.asarray(get_module(model.params, t)["kernel"])).max() > 1e-3  # the run edits
+        # LN divides by the turn's feature spread, so the rounding above grows to ~4e-5 of the shift's size
+        np.testing.assert_allclose(b, a, rtol=1e-3, atol=1e-4 * np.abs(a).max())
+    np.testing.assert_allclose(fast.diagnostics["accuracy"], full.diagnostics["accuracy"], atol=1e-6)
+    protocols = ("teacher_forced", "locality_vs_unedited")
+    plain = lx.eval.EvalSet(job.eval_set.batches, job.eval_set.pairs)
+    assert (lx.eval.evaluate(model.apply, fast.params, job.eval_set, job.base_loc, protocols)
+            == lx.eval.evaluate(model.apply, fast.params, plain, job.base_loc, protocols))
+
+
+def test_supervised_argmax_equals_the_full_logits_argmax():
+    from lnjax.models.probe import supervised_argmax
+    model = tiny_model()
+    batch = pack(_examples(13, seed=4), 24)
+    sup = np.asarray(batch.labels) != -100
+    want = np.where(sup, np.asarray(jnp.argmax(model.apply(model.params, batch.input_ids, batch.attention_mask), -1)),
+                    -1)
+    for max_rows in (int(sup.sum()), int(sup.sum()) + 7):
+        got = jax.jit(lambda p, b: supervised_argmax(model.apply, p, b, max_rows))(model.params, batch)
+        np.testing.assert_array_equal(np.asarray(got), want)
+    opaque = lambda p, i, a: model.apply(p, i, a)
+    np.testing.assert_array_equal(np.asarray(supervised_argmax(opaque, model.params, batch, 5)), want)

@@ -14,7 +14,7 @@ import functools
 import json
 import os
 import time
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 import jax
 import numpy as np
@@ -103,6 +103,10 @@ class RunConfig:
         "a data row that cannot be an edit (empty or missing text, a duplicate) is an error; by default it is "
         "skipped, logged and listed in results.json (data.skipped)"))
     generation: bool = dataclasses.field(default=True, metadata=_flag("skip the greedy-generation metric"))
+    reuse_streams: bool = dataclasses.field(default=True, metadata=_flag(
+        "run every turn's probe and every evaluation through all blocks, instead of from the unedited model's "
+        "residual stream entering the lowest edited block, computed once per run (lnjax.eval.FrozenPrefix; "
+        "sequential editing never changes the blocks below)"))
     editor_options: Optional[dict] = dataclasses.field(default=None, metadata=_flag(
         'extra keyword options for the editor factories, as JSON (e.g. \'{"whiten": false}\')', type=json.loads,
         metavar="JSON"))
@@ -221,11 +225,20 @@ def editor_settings(name: str, cfg: RunConfig) -> dict:
                            warmup_turns=cfg.warmup_turns, model=cfg.model)
 
 
+def meta_options(name: str, cfg: RunConfig) -> dict:
+    """A hypernetwork's meta-training options in a run of ``cfg``: on the default testbed its row of
+    ``hparams.FAIR_TESTBED_BASELINE_HPARAMS`` (the tuned initial edit ``lr``), then ``--lr``, then the run's
+    editor options (each overriding the one before)."""
+    table = hparams.FAIR_TESTBED_BASELINE_HPARAMS if fair_protocol(cfg) else {}
+    given = {} if cfg.lr is None else {"lr": cfg.lr}
+    return {**table.get(name, {}), **given, **(cfg.editor_options or {})}
+
+
 def _editor(name: str, cfg: RunConfig, model=None, targets=None, log: Callable[[str], None] = print):
     if name in hparams.META_TRAINED:   # meta-trained first (or taken from the cache)
         from lnjax.app.train_editor import trained_editor
         return trained_editor(name, model, targets, edits_per_turn=cfg.edits_per_turn, seed=cfg.seed,
-                              minibatch_size=cfg.minibatch_size, options=cfg.editor_options, log=log)
+                              minibatch_size=cfg.minibatch_size, options=meta_options(name, cfg), log=log)
     settings = editor_settings(name, cfg)
     return _registry_editor(hparams.registry_name(name), settings["lr"], settings["alpha"],
                             json.dumps(cfg.editor_options or {}, sort_keys=True))
@@ -276,8 +289,10 @@ def max_probe_length(cfg: RunConfig, model) -> int:
     return int((getattr(model, "hf_config", None) or {}).get("max_position_embeddings") or model.config.max_positions)
 
 
-def prepare_job(cfg: RunConfig, model, tok, log: Optional[Callable[[str], None]] = None) -> Job:
-    """Read, tokenize and pack the edits of ``cfg`` (and the warm-up records its editors need)."""
+def prepare_job(cfg: RunConfig, model, tok, log: Optional[Callable[[str], None]] = None,
+                targets: Optional[Sequence[str]] = None) -> Job:
+    """Read, tokenize and pack the edits of ``cfg`` (and the warm-up records its editors need); with the run's
+    ``targets``, the evaluation set keeps the unedited residual streams below them (``lnjax.eval.FrozenPrefix``)."""
     n = cfg.turns * cfg.edits_per_turn
     warm_turns = {name: editor_settings(name, cfg)["warmup_turns"] for name in cfg.editors}
     n_warm = max(warm_turns.values(), default=0) * cfg.edits_per_turn
@@ -285,7 +300,7 @@ def prepare_job(cfg: RunConfig, model, tok, log: Optional[Callable[[str], None]]
     records, warm_records = _load_records(cfg, n, n_warm, read_report, log)
     edits = prepare_edits(records, tok, model, edits_per_turn=cfg.edits_per_turn, n_turns=cfg.turns,
                           warmup_records=warm_records, max_length=max_probe_length(cfg, model), strict=cfg.strict,
-                          report=read_report, log=log)
+                          report=read_report, log=log, targets=targets if cfg.reuse_streams else None)
     families = fair_families(cfg, model, n) if fair_protocol(cfg) else None
     return Job(edits=edits, warm_turns=warm_turns, read_report=read_report, families=families)
 
@@ -351,6 +366,10 @@ def run_editor(name: str, cfg: RunConfig, model, targets: tuple, job: Job, *, ch
         extra = {**extra, "targets": list(targets)}
     else:
         editor = _editor(name, cfg, model, targets, options.get("log", print))
+        # the unedited residual streams the evaluation kept below the edited blocks: each turn runs only the rest
+        streamed = job.edits.streamed_turns(model, warm) if cfg.reuse_streams else None
+        if streamed is not None:
+            batches, warm = streamed
         if job.families is not None and name not in hparams.META_TRAINED:  # the fair protocol measures the step
             hooks.append(StepScale(model.apply, targets, editor_settings(name, cfg)["lr"],
                                    hparams.registry_name(name) == "per_turn_normalization"))
@@ -425,7 +444,8 @@ def run(cfg: RunConfig, out_dir: Optional[str] = None, log: Callable[[str], None
     for name in cfg.editors:
         # a model-running baseline reports the settings it was built with (e.g. FT's tuned lr on the testbed)
         results["editors"][name]["settings"] = {"editor": hparams.registry_name(name), **editor_settings(name, cfg),
-                                                **results["editors"][name].pop("baseline_settings", {})}
+                                                **results["editors"][name].pop("baseline_settings", {}),
+                                                **(meta_options(name, cfg) if name in hparams.META_TRAINED else {})}
     results["metadata"] = report.metadata(
         cfg.to_json(), params=model.params, targets=targets, edit_labels=job.batches.labels,
         warmup_turns=job.warm_turns, timings=timings,
@@ -467,7 +487,7 @@ def _over_seeds(runs: list, seeds: list) -> tuple:
 def _run_seed(cfg: RunConfig, model, tok, targets, log, progress, checkpoint_dir, resume, on_nonfinite,
               device_mesh) -> tuple:
     """Every editor of ``cfg`` on ``cfg.seed``'s edits: ``(results, diagnostics lines, timings, job)``."""
-    job = prepare_job(cfg, model, tok, log)
+    job = prepare_job(cfg, model, tok, log, targets)
     if job.read_report.layout:
         log(f"{cfg.data}: read as {cfg.dataset} in the {job.read_report.layout} layout")
     if job.read_report.skipped:

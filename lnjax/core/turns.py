@@ -38,12 +38,20 @@ class EditTurn:
     ``edit`` (TurnBatch [E, L], labels on the new answer), ``paraphrase`` and ``locality`` (TurnBatch [E, L'] or
     None) and ``subject_last`` [E] int32 (position of the subject's last token in the edit prompt, -1 when
     unknown). Stacked over turns every field gains a leading [T] axis.
+
+    ``stream`` [E, L, d_model] (float32, or None): the *unedited* model's residual stream entering block
+    ``stream_start`` (static) at every position of ``edit``. Sequential editing at blocks ``stream_start`` and
+    above never changes what is below, so the probe runs only the blocks from there on
+    (``lnjax.models.probe.turn_features``); ``lnjax.eval.prepare`` fills it from the states the unedited
+    evaluation keeps (``lnjax.eval.FrozenPrefix``).
     """
 
     edit: TurnBatch
     paraphrase: Optional[TurnBatch] = None
     locality: Optional[TurnBatch] = None
     subject_last: Optional[jax.Array] = None
+    stream: Optional[jax.Array] = None
+    stream_start: Optional[int] = struct.field(pytree_node=False, default=None)
 
     @classmethod
     def of(cls, batch: "TurnBatch | EditTurn") -> "EditTurn":

@@ -27,7 +27,7 @@ from lnjax.core.turns import IGNORE, REFERENCE_MINIBATCH_SIZE, EditTurn, TurnBat
 from lnjax.core.metrics import token_accuracy
 from lnjax.core.protocol import NEEDS, Editor, EditorState
 from lnjax.core.tree import frozen_and_kernels, get_module, join, with_module_leaf  # noqa: F401  (re-exported)
-from lnjax.models.probe import turn_features, turn_loss
+from lnjax.models.probe import supervised_argmax, turn_features, turn_loss
 
 WARMUP_POSITIONS = ("start", "q1", "middle", "q3", "end", "none")
 
@@ -108,7 +108,7 @@ def editor_inputs(apply: Callable, editor: Editor, params, targets: Sequence[str
     needs = editor.needs
     if "features" in needs:
         features, loss, n_rows = turn_features(apply, params, targets, turn.edit, minibatch_size=minibatch_size,
-                                               max_rows=max_rows)
+                                               max_rows=max_rows, stream=turn.stream, stream_start=turn.stream_start)
     else:
         features = None
         loss, n_rows = turn_loss(apply, params, turn.edit, minibatch_size=minibatch_size)
@@ -182,8 +182,11 @@ def make_turn_fn(apply: Callable, editor: Editor, targets: Sequence[str], *,
                 "rejected": est.rejected, "active": active}
         if track_accuracy:
             with jax.named_scope("evaluation"):
-                logits = apply(join(frozen, kernels), turn_in.edit.input_ids, turn_in.edit.attention_mask)
-                acc, has = edit_accuracy(logits, turn_in.edit.labels)
+                e = turn_in.edit
+                pred = supervised_argmax(apply, join(frozen, kernels), e, e.labels.size if max_rows is None
+                                         else max_rows, turn_in.stream, turn_in.stream_start)
+                acc = token_accuracy(pred, e.labels)
+                has = jnp.sum(e.labels != IGNORE, axis=1) > 0
                 diag["accuracy"] = jnp.sum(acc * has) / jnp.maximum(jnp.sum(has), 1)
         return new, diag
 

@@ -33,7 +33,7 @@ import numpy as np
 from lnjax.core.metrics import token_accuracy
 from lnjax.core.turns import IGNORE, TurnBatch, pack
 from lnjax.data import TokenizedRecord
-from lnjax.models import split_apply
+from lnjax.models import split_apply, split_stages
 
 PROBES = ("edit", "paraphrase", "locality")
 
@@ -44,6 +44,7 @@ class EvalSet:
 
     batches: dict
     pairs: dict
+    prefix: Optional["FrozenPrefix"] = None   # the unedited residual streams below the edited blocks, if kept
 
     @property
     def size(self) -> int:
@@ -52,7 +53,8 @@ class EvalSet:
     def subset(self, idx: np.ndarray) -> "EvalSet":
         take = lambda tb: jax.tree_util.tree_map(lambda a: np.asarray(a)[idx], tb)
         return EvalSet({k: take(v) for k, v in self.batches.items()},
-                       {k: [v[i] for i in idx] for k, v in self.pairs.items()})
+                       {k: [v[i] for i in idx] for k, v in self.pairs.items()},
+                       None if self.prefix is None else self.prefix.subset(idx))
 
 
 def build_eval_set(records: Sequence[TokenizedRecord]) -> EvalSet:
@@ -162,14 +164,9 @@ def _supervised_argmax_fn(apply: Callable) -> Callable:
     return jax.jit(fn)
 
 
-def predictions_of(apply: Callable, params, batches: dict, budget: Optional[int] = None) -> dict:
-    """Teacher-forced argmax at the supervised positions (``labels != IGNORE``) of every batch of ``batches``
-    {name: TurnBatch [n, L]} → {name: int32 [n, L]}, -1 at every other position (no metric reads those).
-
-    The rows of all batches are pooled, bucketed by length (``plan_buckets``) and each bucket runs in calls of
-    [B, L] rows, projecting to the vocabulary only at the gathered supervised positions [B, A]. Rows must be
-    right-padded (``lnjax.core.turns.pack``), as causal attention then makes a row's predictions independent of
-    the padding after it."""
+def _pool(batches: dict) -> tuple[dict, list]:
+    """The output arrays {name: int32 [n, L] of -1} and the rows with a supervised position, each as ``(name, row,
+    tokens needed, ids, mask, supervised positions)``."""
     out, pool = {}, []
     for name, b in batches.items():
         ids, mask, labels = (np.asarray(a) for a in (b.input_ids, b.attention_mask, b.labels))
@@ -179,10 +176,14 @@ def predictions_of(apply: Callable, params, batches: dict, budget: Optional[int]
         last_sup = np.where(sup.any(1), labels.shape[1] - np.argmax(sup[:, ::-1], axis=1), 0)
         for r in np.flatnonzero(sup.any(1)):
             pool.append((name, r, max(real[r], last_sup[r]), ids[r], mask[r], np.flatnonzero(sup[r])))
-    if not pool:
-        return out
-    fn = _supervised_argmax_fn(apply)
-    for L, B, rows in plan_buckets(np.array([p[2] for p in pool]), budget):
+    return out, pool
+
+
+def _bucketed(batches: dict, budget: Optional[int], call: Callable) -> dict:
+    """Argmax at the supervised positions of ``batches`` (see ``predictions_of``), each bucket's calls made by
+    ``call(rows, ids [B, L], mask [B, L], pos [B, A]) -> argmax [B, A]`` with ``rows`` the calls' (name, row)s."""
+    out, pool = _pool(batches)
+    for L, B, rows in plan_buckets(np.array([p[2] for p in pool]), budget) if pool else []:
         A = 1 << (max(len(pool[i][5]) for i in rows) - 1).bit_length()  # a power of 2: fewer shapes to compile
         for s in range(0, len(rows), B):
             part = rows[s:s + B]
@@ -194,11 +195,142 @@ def predictions_of(apply: Callable, params, batches: dict, budget: Optional[int]
                 w = min(L, len(row_ids))
                 ids[j, :w], mask[j, :w] = row_ids[:w], row_mask[:w]
                 pos[j, :len(row_pos)] = row_pos
-            got = np.asarray(fn(params, ids, mask, pos))
+            got = np.asarray(call([pool[i][:2] for i in part], ids, mask, pos))
             for j, i in enumerate(part):
                 name, r, _, _, _, row_pos = pool[i]
                 out[name][r, row_pos] = got[j, :len(row_pos)]
     return out
+
+
+def predictions_of(apply: Callable, params, batches: dict, budget: Optional[int] = None,
+                   prefix: Optional["FrozenPrefix"] = None) -> dict:
+    """Teacher-forced argmax at the supervised positions (``labels != IGNORE``) of every batch of ``batches``
+    {name: TurnBatch [n, L]} → {name: int32 [n, L]}, -1 at every other position (no metric reads those).
+
+    The rows of all batches are pooled, bucketed by length (``plan_buckets``) and each bucket runs in calls of
+    [B, L] rows, projecting to the vocabulary only at the gathered supervised positions [B, A]. Rows must be
+    right-padded (``lnjax.core.turns.pack``), as causal attention then makes a row's predictions independent of
+    the padding after it. With a ``prefix`` of these batches (``frozen_prefix_predictions``) that serves
+    ``params`` (their blocks below ``prefix.start`` unchanged), only the blocks from ``prefix.start`` on run."""
+    if prefix is not None and prefix.serves(apply, params):
+        fn = _suffix_argmax_fn(apply, prefix.start)
+        return _bucketed(batches, budget, lambda rows, ids, mask, pos: fn(
+            params, prefix.gather(rows, ids.shape), ids, mask, pos))
+    fn = _supervised_argmax_fn(apply)
+    return _bucketed(batches, budget, lambda rows, ids, mask, pos: fn(params, ids, mask, pos))
+
+
+# Most host memory a FrozenPrefix may take (float32 residual streams of every probe position); larger evaluation
+# sets run every block at every evaluation instead.
+PREFIX_BYTES = 4 << 30
+
+
+@dataclasses.dataclass
+class FrozenPrefix:
+    """The residual stream entering block ``start`` at every position of every probe of an ``EvalSet``:
+    ``states`` {probe: float32 [n, L, d_model]} (L the probe set's packed length), computed once on parameters
+    whose ``frozen`` leaves (``lnjax.models.Stages.frozen_leaves``: the embeddings and blocks below ``start``)
+    sequential editing at blocks ``start`` and above never changes. Every later evaluation of such parameters runs
+    only the blocks from ``start`` on: for edits at SmolLM2's blocks 25-28, 5 of its 30 blocks."""
+
+    start: int
+    states: dict
+    frozen: list
+
+    def serves(self, apply: Callable, params) -> bool:
+        """Whether ``params``' leaves below ``start`` are those the states were computed from (the same arrays,
+        or equal ones)."""
+        leaves = split_stages(apply).frozen_leaves(params, self.start)
+        if len(leaves) != len(self.frozen):
+            return False
+        if all(a is b for a, b in zip(leaves, self.frozen)):
+            return True
+        if any(np.shape(a) != np.shape(b) for a, b in zip(leaves, self.frozen)):
+            return False
+        try:  # compared where the parameters live (a run on a mesh places its own copies there)
+            kept = [jax.device_put(b, a.sharding) if isinstance(a, jax.Array) else b
+                    for a, b in zip(leaves, self.frozen)]
+            return bool(_all_equal(leaves, kept))
+        except (ValueError, TypeError):  # not comparable here: every block runs (the same numbers, slower)
+            return False
+
+    def gather(self, rows: Sequence[tuple], shape: tuple) -> np.ndarray:
+        """The states of ``rows`` [(probe, row)] as one call's input [B, L, d_model] for ``shape`` (B, L) (zeros
+        in the rows past ``rows`` and past each probe set's packed length: padding, which causal attention never
+        lets a real position read)."""
+        L = shape[1]
+        d = next(iter(self.states.values())).shape[-1]
+        h = np.zeros(tuple(shape) + (d,), np.float32)
+        for j, (name, r) in enumerate(rows):
+            w = min(L, self.states[name].shape[1])
+            h[j, :w] = self.states[name][r, :w]
+        return h
+
+    def subset(self, idx: np.ndarray) -> "FrozenPrefix":
+        return FrozenPrefix(self.start, {k: v[idx] for k, v in self.states.items()}, self.frozen)
+
+
+@jax.jit
+def _all_equal(a: list, b: list) -> jax.Array:
+    return jnp.all(jnp.stack([jnp.array_equal(x, y) for x, y in zip(a, b)]))
+
+
+def prefix_bytes(batches: dict, d_model: int) -> int:
+    """Bytes a ``FrozenPrefix`` of ``batches`` holds."""
+    return sum(4 * int(np.prod(np.shape(b.input_ids))) * d_model for b in batches.values())
+
+
+def frozen_prefix_predictions(apply: Callable, params, batches: dict, start: int,
+                              budget: Optional[int] = None) -> tuple[dict, Optional[FrozenPrefix]]:
+    """``predictions_of(apply, params, batches)`` computed as blocks below ``start`` then the rest, keeping the
+    residual stream between them: ``(predictions, FrozenPrefix)``. The prefix is None (and the predictions those
+    of one pass) when ``apply`` cannot be cut into stages or the states would exceed ``PREFIX_BYTES``."""
+    stages = split_stages(apply)
+    if stages is None or not 0 < start <= stages.n_layers:
+        return predictions_of(apply, params, batches, budget), None
+    one = jnp.zeros((1, 1), jnp.int32)
+    d = int(jax.eval_shape(lambda p: stages.prefix(p, one, one, start), params).shape[-1])
+    if prefix_bytes(batches, d) > PREFIX_BYTES:
+        return predictions_of(apply, params, batches, budget), None
+    states = {k: np.zeros(np.shape(b.input_ids) + (d,), np.float32) for k, b in batches.items()}
+    prefix_fn, suffix_fn = _prefix_fn(apply, start), _suffix_argmax_fn(apply, start)
+
+    def call(rows, ids, mask, pos):
+        h = prefix_fn(params, ids, mask)
+        host = np.asarray(h)
+        for j, (name, r) in enumerate(rows):
+            w = min(ids.shape[1], states[name].shape[1])
+            states[name][r, :w] = host[j, :w]
+        return suffix_fn(params, h, ids, mask, pos)
+
+    preds = _bucketed(batches, budget, call)
+    return preds, FrozenPrefix(start, states, stages.frozen_leaves(params, start))
+
+
+def prefix_states(apply: Callable, params, ids: np.ndarray, mask: np.ndarray, start: int) -> np.ndarray:
+    """The residual stream entering block ``start`` for ids / mask [n, L]: float32 [n, L, d_model]."""
+    return np.asarray(_prefix_fn(apply, start)(params, ids, mask), np.float32)
+
+
+@functools.lru_cache(maxsize=16)
+def _prefix_fn(apply: Callable, start: int) -> Callable:
+    """jit of ``(params, ids [B, L], mask [B, L]) -> h`` [B, L, d_model], the stream entering block ``start``."""
+    stages = split_stages(apply)
+    return jax.jit(lambda params, ids, mask: stages.prefix(params, ids, mask, start))
+
+
+@functools.lru_cache(maxsize=16)
+def _suffix_argmax_fn(apply: Callable, start: int) -> Callable:
+    """jit of ``(params, h [B, L, d_model], ids, mask, pos [B, A]) -> argmax [B, A]``: blocks ``start`` on from
+    the stream ``h``, then the vocabulary projection at positions ``pos``."""
+    stages = split_stages(apply)
+
+    def fn(params, h, ids, mask, pos):
+        hidden = stages.suffix(params, h, ids, mask, start)
+        logits = stages.head(params, jnp.take_along_axis(hidden, pos[:, :, None], axis=1))
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+
+    return jax.jit(fn)
 
 
 def predictions(apply: Callable, params, batch: TurnBatch, budget: Optional[int] = None) -> np.ndarray:
@@ -279,7 +411,8 @@ def evaluate(apply: Callable, params, eval_set: EvalSet, base_locality: Optional
     b = eval_set.batches
     if set(protocols) & {"teacher_forced", "locality_vs_unedited", "generation_exact_match"}:
         known = dict(known or {})
-        preds = {**known, **predictions_of(apply, params, {k: v for k, v in b.items() if k not in known})}
+        preds = {**known, **predictions_of(apply, params, {k: v for k, v in b.items() if k not in known},
+                                           prefix=eval_set.prefix)}
         acc = {k: token_accuracy(preds[k], np.asarray(v.labels)) for k, v in b.items()}
         if "teacher_forced" in protocols:
             names = {"edit": "efficacy", "paraphrase": "generalization", "locality": "specificity"}

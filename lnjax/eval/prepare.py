@@ -19,6 +19,7 @@ import numpy as np
 from lnjax import data as data_lib
 from lnjax import eval as eval_lib
 from lnjax.core.turns import EditTurn, TurnBatch, pack_turns, probe_length
+from lnjax.models import split_stages
 
 
 @dataclasses.dataclass
@@ -38,6 +39,7 @@ class PreparedEdits:
     - ``unedited``: {probe: int [n_eval, L_probe]}, the unedited model's predictions of every probe set of
       ``eval_set`` (``base_loc`` is its ``"locality"``), computed in one pooled pass so the unedited evaluation
       reuses them (``evaluate(..., known=unedited)``); None when ``base_loc`` is.
+    - ``eval_index``: int [n_eval], each evaluation record's index into ``records``.
     """
 
     records: list
@@ -50,6 +52,7 @@ class PreparedEdits:
     eval_set: Optional[eval_lib.EvalSet]
     base_loc: Optional[np.ndarray]
     unedited: Optional[dict] = None
+    eval_index: Optional[np.ndarray] = None
 
     @property
     def n_turns(self) -> int:
@@ -64,6 +67,33 @@ class PreparedEdits:
         """The turns as an EditTurn [T, ...] (edit arrays and ``subject_last``), for editors that locate the
         subject (MEMIT, AlphaEdit)."""
         return EditTurn(edit=self.turns, subject_last=self.subject_last)
+
+    def streamed_turns(self, model, warmup: Optional[TurnBatch] = None) -> Optional[tuple]:
+        """``(turns, warm-up)`` as EditTurns [T, E, ...] carrying the unedited residual stream entering the lowest
+        edited block (``EditTurn.stream`` [T, E, L, d_model]), so that each turn's probe runs only the blocks from
+        there on. The edit turns' streams are the ones the unedited evaluation kept for the same rows
+        (``eval_set.prefix``: an edit row is its record's efficacy probe), the warm-up turns' are computed here;
+        None when the evaluation kept none or does not hold every edited record."""
+        prefix = None if self.eval_set is None else self.eval_set.prefix
+        if prefix is None or self.eval_index is None:
+            return None
+        where = np.full(len(self.records), -1)
+        where[self.eval_index] = np.arange(len(self.eval_index))
+        slots = np.where(self.order >= 0, where[np.maximum(self.order, 0)], 0)
+        if (slots[self.order >= 0] < 0).any():
+            return None
+        states = prefix.states["edit"]                                            # [n_eval, L_e, d]
+        w = min(self.length, states.shape[1])
+        stream = np.zeros(self.order.shape + (self.length, states.shape[2]), np.float32)
+        stream[..., :w, :] = states[slots, :w]
+        stream[self.order < 0] = 0.0                                               # padding slots: no edit
+        turns = EditTurn(edit=self.turns, stream=stream, stream_start=prefix.start)
+        if warmup is None:
+            return turns, None
+        ids, mask = (np.asarray(a) for a in (warmup.input_ids, warmup.attention_mask))
+        h = eval_lib.prefix_states(model.apply, model.params, ids.reshape(-1, ids.shape[-1]),
+                                   mask.reshape(-1, mask.shape[-1]), prefix.start)
+        return turns, EditTurn(edit=warmup, stream=h.reshape(ids.shape + (h.shape[-1],)), stream_start=prefix.start)
 
     def turn_slice(self, start: int, stop: Optional[int] = None) -> TurnBatch:
         """Turns [start, stop) as a TurnBatch [stop - start, E, L]: the same arrays packing those turns' records
@@ -90,7 +120,8 @@ def _as_records(rows: Sequence, source: str = "world") -> list:
 def prepare_edits(records: Sequence, tok, model=None, *, edits_per_turn: int, n_turns: Optional[int] = None,
                   warmup_records: Sequence = (), max_length: Optional[int] = None, eval_records=slice(None),
                   strict: bool = False, report: Optional[data_lib.ReadReport] = None,
-                  log: Optional[Callable[[str], None]] = None) -> PreparedEdits:
+                  log: Optional[Callable[[str], None]] = None,
+                  targets: Optional[Sequence[str]] = None) -> PreparedEdits:
     """Tokenize, pack and evaluate-prepare ``records`` for a sequential run of ``edits_per_turn`` edits per turn.
 
     ``records`` and ``warmup_records`` are ``EditRecord``s (``lnjax.data.read``, ``records_from_dicts``,
@@ -99,7 +130,9 @@ def prepare_edits(records: Sequence, tok, model=None, *, edits_per_turn: int, n_
     usable edits (a ValueError otherwise) and takes the first that many; without it every usable record is
     edited, the last turn padded. ``eval_records`` (a slice or index array into the tokenized records; None for no
     evaluation set) picks the records the evaluation set holds; ``model`` (``.apply``, ``.params``) gives the unedited locality predictions.
-    Shapes: see ``PreparedEdits``.
+    With ``targets`` (the modules the run edits) the unedited residual streams entering the lowest edited block
+    are kept with the evaluation set (``lnjax.eval.FrozenPrefix``), so that evaluating the edited model runs only
+    the blocks from there on. Shapes: see ``PreparedEdits``.
     """
     opts = dict(strict=strict, report=report, log=log)
     tokenized = data_lib.tokenize(_as_records(records), tok, max_length, **opts)
@@ -117,13 +150,20 @@ def prepare_edits(records: Sequence, tok, model=None, *, edits_per_turn: int, n_
     turns, order = pack_turns([r.edit for r in tokenized], edits_per_turn, length)
     subject_last = np.array([tokenized[i].subject_last if i >= 0 else -1 for i in order.reshape(-1)],
                             np.int32).reshape(order.shape)
-    eval_set = base_loc = unedited = None
+    eval_set = base_loc = unedited = eval_index = None
     if eval_records is not None:
-        selected = tokenized[eval_records] if isinstance(eval_records, slice) else [tokenized[i] for i in eval_records]
+        eval_index = np.arange(len(tokenized))[eval_records]
+        selected = [tokenized[i] for i in eval_index]
         eval_set = eval_lib.build_eval_set(selected)
         if model is not None:
-            unedited = eval_lib.predictions_of(model.apply, model.params, eval_set.batches)
+            stages = split_stages(model.apply)
+            start = None if stages is None or not targets else stages.first_block(targets)
+            if start:
+                unedited, eval_set.prefix = eval_lib.frozen_prefix_predictions(model.apply, model.params,
+                                                                               eval_set.batches, start)
+            else:
+                unedited = eval_lib.predictions_of(model.apply, model.params, eval_set.batches)
             base_loc = unedited["locality"]
     return PreparedEdits(records=tokenized, turns=turns, order=order, subject_last=subject_last, length=length,
                          edits_per_turn=edits_per_turn, warmup_records=warm, eval_set=eval_set, base_loc=base_loc,
-                         unedited=unedited)
+                         unedited=unedited, eval_index=eval_index)

@@ -16,16 +16,19 @@ import jax.numpy as jnp
 import numpy as np
 
 from lnjax.core import ln
+from lnjax.core.turns import EditTurn
 from lnjax.models.probe import turn_features
 
 
 def value_step_scale(apply: Callable, params, targets: Sequence[str], batch, lr: float,
                      stats: Optional[ln.LNStats] = None, per_turn: bool = False) -> dict:
-    """Mean over the turn's rows (``batch``: one turn, TurnBatch [E, L]) of the first target's raw ``‖k‖²``,
+    """Mean over the turn's rows (``batch``: one turn, TurnBatch [E, L] or EditTurn) of the first target's raw ``‖k‖²``,
     ``‖g‖`` and value ``lr‖k‖²‖g‖``; with ``stats`` (the editor's lifelong statistics before this turn) also the
     standardized ``‖k̂‖²``, ``‖ĝ‖``, ``lr‖k̂‖²‖ĝ‖`` and the rows the statistics have seen (``per_turn``: statistics
     of this turn alone, as per-turn normalization uses)."""
-    feats, _, rows = turn_features(apply, params, list(targets), batch)
+    turn = EditTurn.of(batch)
+    feats, _, rows = turn_features(apply, params, list(targets), turn.edit, stream=turn.stream,
+                                   stream_start=turn.stream_start)
     f = feats[targets[0]]
     n = int(rows)
     k = np.asarray(f.keys[:n], np.float64)

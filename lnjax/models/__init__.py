@@ -76,6 +76,66 @@ def split_apply(apply: Callable) -> Optional[tuple[Callable, Callable]]:
     return None
 
 
+@dataclasses.dataclass(frozen=True)
+class Stages:
+    """A decoder cut at a block boundary, for callers that reuse the residual stream below the blocks an edit
+    changes (``lnjax.eval.FrozenPrefix``): ``prefix(params, ids, mask, stop) -> h`` [B, L, d_model], the residual
+    stream entering block ``stop``; ``suffix(params, h, ids, mask, start)``: the final normalized hidden states
+    from the stream entering block ``start``; ``head`` as ``Model.head``; ``layers``, the path of the blocks' list
+    in the params tree. ``suffix(p, prefix(p, ids, mask, s), ids, mask, s)`` is ``apply_hidden(p, ids, mask)``."""
+
+    prefix: Callable
+    suffix: Callable
+    head: Callable
+    layers: tuple
+    n_layers: int
+
+    def frozen_leaves(self, params, start: int) -> list:
+        """The leaves of ``params`` that ``prefix(params, ..., start)`` may read: every leaf but the blocks
+        ``start`` and above (the final norm and head are kept too, which only makes a cache built on them
+        stricter than it needs to be)."""
+        blocks = params
+        for k in self.layers:
+            blocks = blocks[k]
+        upper = {id(leaf) for b in blocks[start:] for leaf in jax.tree_util.tree_leaves(b)}
+        return [leaf for leaf in jax.tree_util.tree_leaves(params) if id(leaf) not in upper]
+
+    def first_block(self, targets) -> Optional[int]:
+        """The lowest block any of ``targets`` (HF module paths, e.g. ``model.layers.25.mlp.down_proj``) lies
+        in; None when a target is outside the blocks (an edit could then change the prefix)."""
+        head = ".".join(self.layers) + "."
+        found = []
+        for t in targets:
+            if not t.startswith(head) or not t[len(head):].split(".")[0].isdigit():
+                return None
+            found.append(int(t[len(head):].split(".")[0]))
+        return min(found) if found else None
+
+
+@functools.lru_cache(maxsize=None)
+def stage_fns(cfg: ModelConfig) -> Stages:
+    """``Stages`` of architecture ``cfg`` (cached like ``apply_fn``)."""
+    module = _MODULES[cfg.arch]
+
+    def prefix(params, ids, mask, stop: int):
+        return module.hidden_states(params, ids, mask, cfg=cfg, stop=stop)
+
+    def suffix(params, h, ids, mask, start: int):
+        emb = params
+        for k in module.EMBEDDING:
+            emb = emb[k]
+        # a stream kept in float32 goes back to the model's own dtype, as the blocks below would have passed it
+        return module.hidden_states(params, ids, mask, cfg=cfg, start=start, h=h.astype(emb.dtype))
+
+    return Stages(prefix, suffix, head_fn(cfg), module.LAYERS, cfg.n_layers)
+
+
+def split_stages(apply: Callable) -> Optional[Stages]:
+    """``Stages`` of an ``apply`` made by ``apply_fn`` (``Model.apply``); None for any other function."""
+    parts = split_apply(apply)
+    return None if parts is None else stage_fns(apply.keywords["cfg"])
+
+
 def architecture(arch: str):
     """The module implementing architecture ``arch`` (``param_shapes``, ``apply``, ``config_from_hf``,
     ``config_to_hf``); ValueError for an unknown one."""
@@ -112,6 +172,6 @@ def init_params(cfg: ModelConfig, key: jax.Array, dtype=jnp.float32, std: float 
     return jax.tree_util.tree_unflatten(treedef, out)
 
 
-__all__ = ["ARCHITECTURES", "Model", "ModelConfig", "abstract_params", "apply_fn", "architecture", "get_module",
+__all__ = ["ARCHITECTURES", "Model", "ModelConfig", "Stages", "split_stages", "stage_fns", "abstract_params", "apply_fn", "architecture", "get_module",
            "head_fn", "hidden_fn", "init_params", "leaf_paths", "linear", "param_shapes", "split_apply",
            "split_path", "with_module_leaf"]

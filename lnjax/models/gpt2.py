@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Optional
+
 import jax
 import jax.numpy as jnp
 
@@ -26,24 +28,31 @@ def param_shapes(cfg: ModelConfig) -> dict:
                             "ln_f": ln}}
 
 
-def hidden_states(params: dict, input_ids: jax.Array, attention_mask: jax.Array, cfg: ModelConfig) -> jax.Array:
-    """Final normalized hidden states [B, L, d_model] for ids/mask [B, L]."""
+LAYERS = ("transformer", "h")  # where the decoder blocks' list sits in the params tree
+EMBEDDING = ("transformer", "wte", "embedding")  # the token embeddings: their dtype is the residual stream's
+
+
+def hidden_states(params: dict, input_ids: jax.Array, attention_mask: jax.Array, cfg: ModelConfig,
+                  start: int = 0, stop: Optional[int] = None, h: Optional[jax.Array] = None) -> jax.Array:
+    """Final normalized hidden states [B, L, d_model] for ids/mask [B, L]; blocks ``[start, stop)`` from the
+    residual stream ``h`` as in ``lnjax.models.llama.hidden_states``."""
     B, L = input_ids.shape
     if L > cfg.max_positions:
         raise ValueError(f"sequence length {L} exceeds GPT-2's {cfg.max_positions} learned positions")
     t = params["transformer"]
     hd = cfg.d_model // cfg.n_heads
-    h = t["wte"]["embedding"][input_ids] + t["wpe"]["embedding"][jnp.arange(L)][None]
+    if h is None:
+        h = t["wte"]["embedding"][input_ids] + t["wpe"]["embedding"][jnp.arange(L)][None]
     allowed = attention_bias(attention_mask)
     act = ACTIVATIONS[cfg.activation]
-    for layer in t["h"]:
+    for layer in t["h"][start:stop]:
         x = layer_norm(h, layer["ln_1"], cfg.norm_eps)
         q, k, v = jnp.split(linear(x, layer["attn"]["c_attn"]), 3, axis=-1)
         q, k, v = (y.reshape(B, L, cfg.n_heads, hd) for y in (q, k, v))
         h = h + linear(attend(q, k, v, allowed, hd ** -0.5), layer["attn"]["c_proj"])
         x = layer_norm(h, layer["ln_2"], cfg.norm_eps)
         h = block_output(h + linear(act(linear(x, layer["mlp"]["c_fc"])), layer["mlp"]["c_proj"]), layer)
-    return layer_norm(h, t["ln_f"], cfg.norm_eps)
+    return h if stop is not None else layer_norm(h, t["ln_f"], cfg.norm_eps)
 
 
 def head(params: dict, h: jax.Array, cfg: ModelConfig) -> jax.Array:

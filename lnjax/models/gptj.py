@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Optional
+
 import jax
 import jax.numpy as jnp
 
@@ -25,17 +27,24 @@ def param_shapes(cfg: ModelConfig) -> dict:
             "lm_head": {"kernel": (d, cfg.vocab_size), "bias": (cfg.vocab_size,)}}
 
 
-def hidden_states(params: dict, input_ids: jax.Array, attention_mask: jax.Array, cfg: ModelConfig) -> jax.Array:
-    """Final normalized hidden states [B, L, d_model] for ids/mask [B, L]."""
+LAYERS = ("transformer", "h")  # where the decoder blocks' list sits in the params tree
+EMBEDDING = ("transformer", "wte", "embedding")  # the token embeddings: their dtype is the residual stream's
+
+
+def hidden_states(params: dict, input_ids: jax.Array, attention_mask: jax.Array, cfg: ModelConfig,
+                  start: int = 0, stop: Optional[int] = None, h: Optional[jax.Array] = None) -> jax.Array:
+    """Final normalized hidden states [B, L, d_model] for ids/mask [B, L]; blocks ``[start, stop)`` from the
+    residual stream ``h`` as in ``lnjax.models.llama.hidden_states``."""
     B, L = input_ids.shape
     t = params["transformer"]
     hd = cfg.d_model // cfg.n_heads
     rotary_dim = cfg.rotary_dim or hd
     positions = jnp.arange(L)
-    h = t["wte"]["embedding"][input_ids]
+    if h is None:
+        h = t["wte"]["embedding"][input_ids]
     allowed = attention_bias(attention_mask)
     act = ACTIVATIONS[cfg.activation]
-    for layer in t["h"]:
+    for layer in t["h"][start:stop]:
         x = layer_norm(h, layer["ln_1"], cfg.norm_eps)
         a = layer["attn"]
         q, k, v = (linear(x, a[n]).reshape(B, L, cfg.n_heads, hd) for n in ("q_proj", "k_proj", "v_proj"))
@@ -44,7 +53,7 @@ def hidden_states(params: dict, input_ids: jax.Array, attention_mask: jax.Array,
         attn_out = linear(attend(q, k, v, allowed, hd ** -0.5, upcast=True), a["out_proj"])
         mlp_out = linear(act(linear(x, layer["mlp"]["fc_in"])), layer["mlp"]["fc_out"])
         h = block_output(h + attn_out + mlp_out, layer)
-    return layer_norm(h, t["ln_f"], cfg.norm_eps)
+    return h if stop is not None else layer_norm(h, t["ln_f"], cfg.norm_eps)
 
 
 def head(params: dict, h: jax.Array, cfg: ModelConfig) -> jax.Array:

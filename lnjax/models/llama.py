@@ -51,17 +51,27 @@ def param_shapes(cfg: ModelConfig) -> dict:
     return tree
 
 
-def hidden_states(params: dict, input_ids: jax.Array, attention_mask: jax.Array, cfg: ModelConfig) -> jax.Array:
-    """Final normalized hidden states [B, L, d_model] for ids/mask [B, L]."""
+LAYERS = ("model", "layers")  # where the decoder blocks' list sits in the params tree
+EMBEDDING = ("model", "embed_tokens", "embedding")  # the token embeddings: their dtype is the residual stream's
+
+
+def hidden_states(params: dict, input_ids: jax.Array, attention_mask: jax.Array, cfg: ModelConfig,
+                  start: int = 0, stop: Optional[int] = None, h: Optional[jax.Array] = None) -> jax.Array:
+    """Final normalized hidden states [B, L, d_model] for ids/mask [B, L].
+
+    A layer range (``lnjax.models.stage_fns``): blocks ``[start, stop)`` only, from ``h`` [B, L, d_model], the
+    residual stream entering block ``start`` (the embeddings when None); before the last block it returns the
+    residual stream entering block ``stop``, un-normalized (whenever ``stop`` is given)."""
     B, L = input_ids.shape
     hd = cfg.hd
     m = params["model"]
-    h = m["embed_tokens"]["embedding"][input_ids]
+    if h is None:
+        h = m["embed_tokens"]["embedding"][input_ids]
     positions = jnp.arange(L)
     inv_freq = rope_frequencies(hd, cfg.rope_theta, cfg.rope_scaling_dict())
     allowed = attention_bias(attention_mask, cfg.sliding_window)
     act = ACTIVATIONS[cfg.activation]
-    for layer in m["layers"]:
+    for layer in m["layers"][start:stop]:
         x = rms_norm(h, layer["input_layernorm"], cfg.norm_eps)
         a = layer["self_attn"]
         q = linear(x, a["q_proj"]).reshape(B, L, cfg.n_heads, hd)
@@ -79,7 +89,7 @@ def hidden_states(params: dict, input_ids: jax.Array, attention_mask: jax.Array,
                                             anchored(input_ids, cfg.memory_anchor, cfg.memory_offsets),
                                             cfg.memory_winner)
         h = block_output(h + mlp_out, layer)
-    return rms_norm(h, m["norm"], cfg.norm_eps)
+    return h if stop is not None else rms_norm(h, m["norm"], cfg.norm_eps)
 
 
 def head(params: dict, h: jax.Array, cfg: ModelConfig) -> jax.Array:

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 # TurnBatch is re-exported (lnjax.models.probe.TurnBatch).
 from lnjax.core.turns import IGNORE, REFERENCE_MINIBATCH_SIZE, TurnBatch  # noqa: F401
 from lnjax.core.features import Features
-from lnjax.models import get_module, split_apply, with_module_leaf
+from lnjax.models import get_module, split_apply, split_stages, with_module_leaf
 
 
 class Tap:
@@ -56,7 +56,7 @@ def token_log_likelihood(logits: jax.Array, labels: jax.Array) -> tuple[jax.Arra
 
 
 def weighted_answer_loss(apply: Callable, params, ids: jax.Array, attn: jax.Array, labels: jax.Array,
-                         weights: jax.Array, max_rows: int) -> jax.Array:
+                         weights: jax.Array, max_rows: int, parts: Optional[tuple] = None) -> jax.Array:
     """``sum(weights * token cross-entropy)`` over the supervised positions of ids / attn / labels / weights
     [E, L] (a scalar).
 
@@ -64,8 +64,9 @@ def weighted_answer_loss(apply: Callable, params, ids: jax.Array, attn: jax.Arra
     supervised positions, gathered into ``max_rows`` fixed slots (at least as many as there are), are projected
     to the vocabulary: the loss needs nothing else, and at SmolLM2's 49,152 tokens the projection and log-softmax
     of every position of a turn cost as much as the layers above the lowest edited one. Otherwise the logits of
-    every position, as ``token_log_likelihood`` takes them."""
-    parts = split_apply(apply)
+    every position, as ``token_log_likelihood`` takes them. ``parts`` = ``(hidden, head)`` overrides the split
+    (``turn_features`` passes the blocks above a kept residual stream)."""
+    parts = parts or split_apply(apply)
     if parts is None:
         ce, _ = token_log_likelihood(apply(params, ids, attn), labels)
         return jnp.sum(ce * weights)
@@ -78,6 +79,38 @@ def weighted_answer_loss(apply: Callable, params, ids: jax.Array, attn: jax.Arra
     # the fill slots (past the real rows) are unsupervised: their cross-entropy is 0
     ce, _ = token_log_likelihood(head(params, h), jnp.where(real, labels.reshape(-1)[idx], IGNORE))
     return jnp.sum(ce * weights.reshape(-1)[idx])
+
+
+def stream_parts(apply: Callable, stream: Optional[jax.Array], start: Optional[int]) -> Optional[tuple]:
+    """``(hidden, head)`` running the blocks ``start`` and above from the residual stream ``stream`` [E, L, d]
+    entering block ``start`` (``EditTurn.stream``); None without a stream."""
+    if stream is None:
+        return None
+    stages = split_stages(apply)
+    if stages is None or start is None:
+        raise ValueError("a residual stream needs a model apply that splits into blocks, and its block index")
+    return (lambda p, i, m: stages.suffix(p, stream, i, m, start)), stages.head
+
+
+def supervised_argmax(apply: Callable, params, batch: TurnBatch, max_rows: int, stream: Optional[jax.Array] = None,
+                      stream_start: Optional[int] = None) -> jax.Array:
+    """The argmax token [E, L] at the supervised positions of ``batch`` [E, L] (-1 elsewhere): only those
+    positions, gathered into ``max_rows`` slots (at least as many as there are), are projected to the vocabulary;
+    with ``stream``, only the blocks from ``stream_start`` on run (as in ``turn_features``). For an ``apply``
+    that cannot be split, the argmax of its full logits."""
+    ids, attn, labels = batch.input_ids, batch.attention_mask, batch.labels
+    sup = labels != IGNORE
+    parts = stream_parts(apply, stream, stream_start) or split_apply(apply)
+    if parts is None:
+        return jnp.where(sup, jnp.argmax(apply(params, ids, attn), axis=-1), -1)
+    hidden, head = parts
+    E, L = ids.shape
+    (idx,) = jnp.nonzero(sup.reshape(-1), size=max_rows, fill_value=0)
+    real = jnp.arange(max_rows) < jnp.sum(sup)
+    pred = jnp.argmax(head(params, hidden(params, ids, attn).reshape(E * L, -1)[idx]), axis=-1)
+    # the fill slots point at position 0 of edit 0; writing -1 there first, then the real slots, keeps them out
+    out = jnp.full((E * L,), -1, pred.dtype).at[jnp.where(real, idx, E * L)].set(pred, mode="drop")
+    return jnp.where(sup.reshape(-1), out, -1).reshape(E, L)
 
 
 def minibatch_weights(labels: jax.Array, minibatch_size: int) -> tuple[jax.Array, jax.Array, int]:
@@ -97,7 +130,7 @@ POSITIONS = ("answer", "all")
 
 def turn_features(apply: Callable, params, targets: Sequence[str], batch: TurnBatch, *,
                   minibatch_size: int = REFERENCE_MINIBATCH_SIZE, max_rows: Optional[int] = None,
-                  positions: str = "answer"):
+                  positions: str = "answer", stream: Optional[jax.Array] = None, stream_start: Optional[int] = None):
     """One turn's features for every target, all on the pre-turn model ``params``.
 
     ``batch`` holds one turn, arrays [E, L]. Rows are the supervised positions in (edit, position) order,
@@ -108,6 +141,10 @@ def turn_features(apply: Callable, params, targets: Sequence[str], batch: TurnBa
     ``positions="all"`` takes a row at every attended position instead of the supervised ones (the loss is the
     same answer-position CE): MEND's ``token: all``.
 
+    ``stream`` [E, L, d_model]: the residual stream entering block ``stream_start`` (``EditTurn.stream``), from
+    which only the blocks ``stream_start`` and above run; it must come from parameters equal to ``params`` below
+    that block, and every target must lie at or above it (a target below is never applied: ValueError).
+
     Returns ``(features: name -> Features, loss: mean over mini-batches, n_rows: real rows)``. When
     ``n_rows > max_rows`` the extra rows are dropped: callers must size ``max_rows`` (``edit_sequence`` does
     and checks).
@@ -117,6 +154,7 @@ def turn_features(apply: Callable, params, targets: Sequence[str], batch: TurnBa
     max_rows = E * L if max_rows is None else int(max_rows)
     weights, seg_of_edit, num_seg = minibatch_weights(labels, minibatch_size)
     modules = {name: get_module(params, name) for name in targets}
+    parts = stream_parts(apply, stream, stream_start)
     probes = {}
     for name, mod in modules.items():
         if "kernel" not in mod:
@@ -129,7 +167,7 @@ def turn_features(apply: Callable, params, targets: Sequence[str], batch: TurnBa
         for name, mod in modules.items():
             tapped = with_module_leaf(tapped, name, "kernel", Tap(mod["kernel"], probes[name], sink, name))
         # max_rows slots hold every supervised position: they are the feature rows ("answer") or fewer ("all")
-        total = weighted_answer_loss(apply, tapped, ids, attn, labels, weights, max_rows)
+        total = weighted_answer_loss(apply, tapped, ids, attn, labels, weights, max_rows, parts)
         missing = [n for n in targets if n not in sink]
         if missing:
             raise ValueError(f"target(s) {missing} were never applied with `x @ kernel` by the model")
