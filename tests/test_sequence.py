@@ -216,6 +216,11 @@ def test_turn_from_the_kept_residual_stream_equals_the_full_turn():
         # LN divides by the turn's feature spread, so the rounding above grows to ~4e-5 of the shift's size
         np.testing.assert_allclose(b, a, rtol=1e-3, atol=1e-4 * np.abs(a).max())
     np.testing.assert_allclose(fast.diagnostics["accuracy"], full.diagnostics["accuracy"], atol=1e-6)
+    # an evaluation set holding some of the edits only: the other rows' streams are computed, to the same values
+    part = prepare_edits(world.records("edit", 40, seed=2), tok, model, edits_per_turn=10,
+                         eval_records=np.arange(3, 40, 4), targets=targets)
+    some, _ = part.streamed_turns(model)
+    np.testing.assert_allclose(some.stream, streamed.stream, rtol=1e-5, atol=1e-5 * np.abs(streamed.stream).max())
     protocols = ("teacher_forced", "locality_vs_unedited")
     plain = lx.eval.EvalSet(job.eval_set.batches, job.eval_set.pairs)
     assert (lx.eval.evaluate(model.apply, fast.params, job.eval_set, job.base_loc, protocols)

@@ -72,20 +72,22 @@ class PreparedEdits:
         """``(turns, warm-up)`` as EditTurns [T, E, ...] carrying the unedited residual stream entering the lowest
         edited block (``EditTurn.stream`` [T, E, L, d_model]), so that each turn's probe runs only the blocks from
         there on. The edit turns' streams are the ones the unedited evaluation kept for the same rows
-        (``eval_set.prefix``: an edit row is its record's efficacy probe), the warm-up turns' are computed here;
-        None when the evaluation kept none or does not hold every edited record."""
+        (``eval_set.prefix``: an edit row is its record's efficacy probe); those of edits outside the evaluation
+        set and of the warm-up turns are computed here, a turn at a time. None when the evaluation kept none."""
         prefix = None if self.eval_set is None else self.eval_set.prefix
         if prefix is None or self.eval_index is None:
             return None
         where = np.full(len(self.records), -1)
         where[self.eval_index] = np.arange(len(self.eval_index))
-        slots = np.where(self.order >= 0, where[np.maximum(self.order, 0)], 0)
-        if (slots[self.order >= 0] < 0).any():
-            return None
+        slots = np.where(self.order >= 0, where[np.maximum(self.order, 0)], -1)
         states = prefix.states["edit"]                                            # [n_eval, L_e, d]
         w = min(self.length, states.shape[1])
         stream = np.zeros(self.order.shape + (self.length, states.shape[2]), np.float32)
-        stream[..., :w, :] = states[slots, :w]
+        stream[..., :w, :] = states[np.maximum(slots, 0), :w]
+        for t in np.flatnonzero(((slots < 0) & (self.order >= 0)).any(axis=1)):  # edits the evaluation skipped
+            own = eval_lib.prefix_states(model.apply, model.params, np.asarray(self.turns.input_ids[t]),
+                                         np.asarray(self.turns.attention_mask[t]), prefix.start)
+            stream[t, slots[t] < 0] = own[slots[t] < 0]
         stream[self.order < 0] = 0.0                                               # padding slots: no edit
         turns = EditTurn(edit=self.turns, stream=stream, stream_start=prefix.start)
         if warmup is None:
