@@ -18,6 +18,14 @@ the grid around its published 5e-4, once with the published L∞ box ε = 5e-5 a
 box, on a grid around 10 (``CENTRES``: the lr at which its steps reach the memory's value scale). MEMIT and
 AlphaEdit are not in the grid: the memory's keys are 36,000 wide, so their key second moment is a 36,000² matrix
 (5.2 GB in float32) that MEMIT solves and AlphaEdit takes the SVD of every turn.
+
+The meta-trained hypernetworks (RLEdit, MALMEN, MEND; only when named) get one grid of the same shape over the edit
+lr their meta-training starts from; each grid point is meta-trained on the world's train pool (never on tune or
+eval subjects) and cached by its settings (``lnjax.app.train_editor``), so ``lnjax run`` at the chosen lr reuses it:
+
+    python experiments/tune_fair.py --editors rledit,malmen,mend --turns 5 --out experiments/results/fair_protocol/tuning_hypernets.json
+
+The results file is written after every editor; ``not_run`` lists the editors an interrupted tuning did not reach.
 """
 
 import argparse
@@ -29,7 +37,8 @@ import time
 
 from lnjax import editors
 from lnjax.world import fair
-from lnjax.app.hparams import uses_warmup
+from lnjax.app.hparams import META_TRAINED, uses_warmup
+from lnjax.app.train_editor import trained_editor
 from lnjax.world.memory_testbed import DEFAULT_TARGETS, FAIR_SETTINGS, default_testbed
 from lnjax.app.plots import pyplot, save_figure
 from lnjax.app.report import write_json
@@ -49,15 +58,29 @@ CENTRES = {
     # the residual stream's size at the memory (norm ~3,000 over 128 coordinates): 3000 / sqrt(128) / 25 ≈ 10. Set
     # after the grid around 5e-4 wrote nothing (tuning_ft.json), before this grid ran.
     "ft_unconstrained_scaled": ("ft", None, 10.0),
+    # The meta-trained hypernetworks: "lr" is the edit lr their meta-training starts from (NetConfig.lr, per module;
+    # meta-training then learns it), meta-trained for each grid point on the world's train pool (subjects of
+    # neither fair role). All three centred on 3: the initial lr at which RLEdit wrote edits on the old testbed
+    # (results/fact_memory/hypernets_lr3: ES 0.371; UltraEdit's lr there, whose ridge shift RLEdit's and MALMEN's
+    # share), fixed before this grid ran; MEND (-lr K~'G~, never run on a testbed at another lr) gets the same
+    # centre for want of a measured one. The published 1e-6 writes nothing here (JOURNAL session 9: ES = unedited).
+    "rledit": ("rledit", None, 3.0),
+    "malmen": ("malmen", None, 3.0),
+    "mend": ("mend", None, 3.0),
 }
 # Options beside lr for the editors that are not a ridge solve (no alpha).
 FT_OPTIONS = {"ft": {}, "ft_unconstrained": {"norm_constraint": None},
               "ft_unconstrained_scaled": {"norm_constraint": None}}
 
 
-def make_editor(name: str, lr: float, model):
-    """The registry editor of tuning entry ``name`` at ``lr``."""
+def make_editor(name: str, lr: float, model, edits_per_turn: int = 100, seed: int = 0):
+    """The registry editor of tuning entry ``name`` at ``lr``. A hypernetwork is meta-trained first on the world's
+    train pool in turns of ``edits_per_turn`` drawn with ``seed``, as ``lnjax run`` does (``trained_editor``:
+    cached by model, data and configs, so a grid point is trained once and the run at the chosen lr reuses it)."""
     base, alpha, _ = CENTRES[name]
+    if base in META_TRAINED:
+        return trained_editor(base, model, DEFAULT_TARGETS, edits_per_turn=edits_per_turn, seed=seed,
+                              options={"lr": lr}, progress=False)
     if base == "ft":
         return editors.get("ft", apply=model.apply, lr=lr, **FT_OPTIONS[name])
     return editors.get(base, lr=lr, alpha=alpha)
@@ -76,7 +99,8 @@ def choose(rows: list) -> dict:
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--editors", default=",".join(CENTRES))
+    # the hypernetworks (each grid point a meta-training) only when named
+    ap.add_argument("--editors", default=",".join(n for n, c in CENTRES.items() if c[0] not in META_TRAINED))
     ap.add_argument("--points", type=int, default=7)
     ap.add_argument("--turns", type=int, default=10)
     ap.add_argument("--edits-per-turn", type=int, default=100)
@@ -90,28 +114,36 @@ def main(argv=None):
     job = fair.prepare(model, world, split, "tune", args.turns, args.edits_per_turn, args.seed,
                        warmup_turns=args.warmup_turns)
     rows, chosen = [], {}
-    for name in args.editors.split(","):
+    names = args.editors.split(",")
+    command = "python experiments/tune_fair.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    for i, name in enumerate(names):
         base, alpha, centre = CENTRES[name]
         for lr in grid(centre, args.points):
             t0 = time.time()
-            res = edit_sequence(model, make_editor(name, lr, model), job.batches, DEFAULT_TARGETS,
+            editor = make_editor(name, lr, model, args.edits_per_turn, args.seed)
+            t_build = time.time() - t0   # a hypernetwork's meta-training (or its load from the cache)
+            res = edit_sequence(model, editor, job.batches, DEFAULT_TARGETS,
                                 warmup=job.warmup if uses_warmup(base) else None, chunk=args.turns, progress=False)
             row = {"editor": name, "base": base, "lr": lr, "alpha": alpha,
-                   **fair.evaluate(model.apply, res.params, job), "seconds": time.time() - t0}
+                   **fair.evaluate(model.apply, res.params, job), "seconds": time.time() - t0,
+                   **({"meta_train_seconds": t_build} if base in META_TRAINED else {})}
             rows.append(row)
             print(json.dumps(row), flush=True)
         best = choose([r for r in rows if r["editor"] == name])
-        chosen[name] = {"editor": base, "lr": best["lr"], "alpha": alpha, **FT_OPTIONS.get(name, {})}
+        chosen[name] = {"editor": base, "lr": best["lr"], "alpha": alpha, **FT_OPTIONS.get(name, {}),
+                        **({"lr_is": "initial edit lr of meta-training (NetConfig.lr)",
+                            "meta_trained_on": f"world train pool, turns of {args.edits_per_turn}, seed {args.seed}"}
+                           if base in META_TRAINED else {})}
         print(json.dumps({"chosen": name, **chosen[name], "score": best["score"]}), flush=True)
-    command = "python experiments/tune_fair.py " + " ".join(sys.argv[1:] if argv is None else argv)
-    out = {"command": command, "config": vars(args),
-           "rule": "max mean(ES, GS, lowest locality over the random set and every family) on tune subjects; "
-                   "ties to the smaller lr",
-           "grid": f"{args.points} lrs half a decade apart centred on CENTRES", "centres": CENTRES,
-           "split": split.describe(), "tuned_subjects": "tune role", "seeds": [args.seed], "rows": rows,
-           "chosen": chosen, "testbed": FAIR_SETTINGS}
-    write_json(args.out, out)
-    plot(rows, os.path.splitext(args.out)[0] + ".png")
+        # written after every editor, so that an interrupted tuning keeps what finished (``not_run`` says the rest)
+        out = {"command": command, "config": vars(args),
+               "rule": "max mean(ES, GS, lowest locality over the random set and every family) on tune subjects; "
+                       "ties to the smaller lr",
+               "grid": f"{args.points} lrs half a decade apart centred on CENTRES", "centres": CENTRES,
+               "split": split.describe(), "tuned_subjects": "tune role", "seeds": [args.seed], "rows": rows,
+               "chosen": chosen, "not_run": names[i + 1:], "testbed": FAIR_SETTINGS}
+        write_json(args.out, out)
+        plot(rows, os.path.splitext(args.out)[0] + ".png")
 
 
 def plot(rows: list, path: str) -> None:

@@ -172,6 +172,24 @@ def test_fair_testbed_hyperparameters_are_what_lnjax_run_resolves():
     assert hparams.registry_name("no_normalization_tuned") == "no_normalization"
 
 
+def test_meta_trained_editors_start_from_their_tuned_initial_lr_on_the_testbed():
+    """On the default testbed a hypernetwork's meta-training starts from its row of FAIR_TESTBED_BASELINE_HPARAMS
+    (the initial edit lr tuned by experiments/tune_fair.py); --lr, then the editor options, override it; off the
+    testbed no row applies (the published settings)."""
+    from lnjax.app.run import RunConfig, meta_options
+    from lnjax.engine.meta import default_configs
+    rows = {n: r for n, r in hparams.FAIR_TESTBED_BASELINE_HPARAMS.items() if n in hparams.META_TRAINED}
+    assert "rledit" in rows
+    for name, row in rows.items():
+        got = meta_options(name, RunConfig(editors=(name,)))
+        assert got == row and default_configs(name, **got)[0].lr == row["lr"] != default_configs(name)[0].lr
+        assert meta_options(name, RunConfig(editors=(name,), lr=7.0))["lr"] == 7.0
+        assert meta_options(name, RunConfig(editors=(name,), lr=7.0, editor_options={"lr": 2.0}))["lr"] == 2.0
+        assert meta_options(name, RunConfig(editors=(name,), model="lnjax/assets/world_model")) == {}
+    # the ablations have no tuned row: they start from the published lr
+    assert meta_options("rledit_no_normalization", RunConfig(editors=("rledit_no_normalization",))) == {}
+
+
 def test_model_baselines_on_the_testbed_edit_the_memory_at_their_tuned_settings():
     """On the default testbed FT edits the run's targets (the memory) at its tuned settings, not the dense world
     model's targets and published lr; MEMIT and AlphaEdit are refused with the reason."""
