@@ -64,6 +64,9 @@ def test_edit_records_target_the_counterfactual(built):
         [(r["src"], r["rephrase"], r["loc"]) for r in built["edit"][:50]]
     truth = facts.edit_records("edit", 50, truth=True)
     assert [r.target for r in truth] == [r["answers"][0] for r in built["edit"][:50]]
+    # the subject rides along, so that MEMIT-style editors can find its last token in the prompt
+    assert [r.subject for r in recs] == [r["subject"] for r in built["edit"][:50]]
+    assert all(r.prompt.rfind(r.subject) >= 0 for r in recs)
     only = facts.edit_records("train", None, relations=("country_capital",))
     assert len(only) == sum(r["relation"] == "country_capital" for r in built["train"])
     with pytest.raises(ValueError, match="facts split 'edit' has"):

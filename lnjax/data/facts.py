@@ -132,7 +132,7 @@ def build(seed: int = 0) -> dict:
 
 def _to_record(row: dict, i: int, split: str, truth: bool) -> EditRecord:
     return EditRecord(row["src"], row["answers"][0] if truth else row["alt"], row["rephrase"], row["loc"],
-                      row["loc_ans"], source=f"facts:{split}", row=i)
+                      row["loc_ans"], source=f"facts:{split}", row=i, subject=row["subject"])
 
 
 def edit_records(split: str, n: Optional[int] = None, seed: int = 0, truth: bool = False,
