@@ -92,6 +92,16 @@ def grid(centre: float, points: int) -> list:
     return [float(centre * 10 ** ((i - half) / 2)) for i in range(points)]
 
 
+def reused_rows(log) -> dict:
+    """{(editor, lr rounded): row} of the JSON rows an earlier run printed to ``log`` (none without one)."""
+    rows = {}
+    for line in open(log) if log else []:
+        if line.startswith("{") and '"score"' in line and '"chosen"' not in line:
+            row = json.loads(line)
+            rows[(row["editor"], round(row["lr"], 9))] = row
+    return rows
+
+
 def choose(rows: list) -> dict:
     """The rule: largest score, ties to the smaller lr."""
     return max(rows, key=lambda r: (round(r["score"], 6), -r["lr"]))
@@ -107,18 +117,31 @@ def main(argv=None):
     ap.add_argument("--warmup-turns", type=int, default=1)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="runs/tune_fair/tuning.json")
+    ap.add_argument("--reuse-log", default=None, help="a log of an earlier (interrupted) run of this command: the "
+                    "grid points whose rows it printed are taken from it, not run again")
+    ap.add_argument("--only-index", default=None, help="comma-separated grid indices to run (0 = the smallest lr); "
+                    "the others must come from --reuse-log, else they are left out of the choice and listed "
+                    "under not_run (a hypernetwork grid run one point per process, which bounds its memory)")
     args = ap.parse_args(argv)
+    reused = reused_rows(args.reuse_log)
+    only = None if args.only_index is None else {int(i) for i in args.only_index.split(",")}
     world = default_world()
     split = fair.fair_split(world)
     model = default_testbed(settings=FAIR_SETTINGS)
     job = fair.prepare(model, world, split, "tune", args.turns, args.edits_per_turn, args.seed,
                        warmup_turns=args.warmup_turns)
-    rows, chosen = [], {}
+    rows, chosen, skipped = [], {}, []
     names = args.editors.split(",")
     command = "python experiments/tune_fair.py " + " ".join(sys.argv[1:] if argv is None else argv)
     for i, name in enumerate(names):
         base, alpha, centre = CENTRES[name]
-        for lr in grid(centre, args.points):
+        for g, lr in enumerate(grid(centre, args.points)):
+            if (name, round(lr, 9)) in reused:
+                rows.append(dict(reused[(name, round(lr, 9))], reused_from=args.reuse_log))
+                continue
+            if only is not None and g not in only:
+                skipped.append({"editor": name, "lr": lr})
+                continue
             t0 = time.time()
             editor = make_editor(name, lr, model, args.edits_per_turn, args.seed)
             t_build = time.time() - t0   # a hypernetwork's meta-training (or its load from the cache)
@@ -141,7 +164,8 @@ def main(argv=None):
                        "ties to the smaller lr",
                "grid": f"{args.points} lrs half a decade apart centred on CENTRES", "centres": CENTRES,
                "split": split.describe(), "tuned_subjects": "tune role", "seeds": [args.seed], "rows": rows,
-               "chosen": chosen, "not_run": names[i + 1:], "testbed": FAIR_SETTINGS}
+               "chosen": chosen, "not_run": names[i + 1:], "grid_points_not_run": skipped,
+               "testbed": FAIR_SETTINGS}
         write_json(args.out, out)
         plot(rows, os.path.splitext(args.out)[0] + ".png")
 
