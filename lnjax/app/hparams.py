@@ -89,8 +89,9 @@ FAIR_TUNING = {
           "(tuning_ft_scaled.json; python experiments/tune_fair.py --turns 5 --editors ft_unconstrained_scaled)",
     "hypernetworks": "FAIR_TESTBED_BASELINE_HPARAMS: the initial edit lr of meta-training (on the world's train "
                      "pool), one 7-point grid around 3 (experiments/results/fair_protocol/tuning_hypernets.json; "
-                     "python experiments/tune_fair.py --editors rledit,malmen,mend --turns 5): rledit tuned (the "
-                     "grid's largest point); malmen and mend not tuned (not run)",
+                     "python experiments/tune_fair.py --editors rledit,malmen,mend --turns 5; MALMEN's grid one point "
+                     "per process, tuning_malmen.json): rledit and malmen tuned (each at the grid's largest point); "
+                     "mend not tuned (not run)",
 }
 # Run names that are a registry editor at other settings (``registry_name``).
 RUN_ALIASES = {name: v["editor"] for name, v in FAIR_TESTBED_HPARAMS.items() if v["editor"] != name}
@@ -113,11 +114,12 @@ META_TRAINED = ("rledit", "malmen", "mend", "rledit_no_normalization", "malmen_n
 # AlphaEdit have no row: the memory's 36,000-wide keys make their key second moment 36,000 x 36,000.
 # The meta-trained hypernetworks' rows (``lnjax.app.run.meta_options``) hold the edit lr their meta-training starts
 # from (NetConfig.lr; meta-training then learns it per module), tuned with one 7-point grid around 3 like the LN
-# editors' (experiments/results/fair_protocol/tuning_hypernets.json; RLEdit: the grid's largest point). MALMEN and
-# MEND have no row: their grids were not run (out of time), so they start from the published 1e-6.
+# editors' (experiments/results/fair_protocol/tuning_hypernets.json, tuning_malmen.json; both at the grid's largest
+# point). MEND has no row: its grid was not run (out of time), so it starts from the published 1e-6.
 FAIR_TESTBED_BASELINE_HPARAMS = {
     "ft": {"lr": 316.22776601683796, "norm_constraint": None},
     "rledit": {"lr": 94.86832980505137},
+    "malmen": {"lr": 94.86832980505137},
 }
 FAIR_TESTBED_UNSUPPORTED = ("memit", "alphaedit")
 # The model-running baselines' settings on the embedded world (the paragraph above MODEL_BASELINES); a table of
