@@ -160,3 +160,17 @@ def test_diagnostics_log_truncates_and_refuses_gaps(tmp_path):
     log.append(6, {"loss": np.zeros(3, np.float32)})
     with pytest.raises(checkpoint.CheckpointError, match="missing"):
         log.read(9)
+
+
+def test_drop_states_deletes_the_checkpoints_and_keeps_the_diagnostics(tmp_path):
+    """What ``trained_editor`` calls once a meta-trained net is saved: no resume state is left (they were 1-5 GB a
+    network), the per-turn diagnostics stay readable."""
+    ck = checkpoint.RunCheckpointer(str(tmp_path / "train"))
+    carry = {"w": jnp.arange(6.0).reshape(2, 3)}
+    for n in (2, 4, 6):
+        ck.diagnostics.append(n - 2, {"loss": np.array([float(n), float(n) + 1])})
+        ck.save(n, carry, {"a": 1})
+    assert ck.steps() == [4, 6]
+    ck.drop_states()
+    assert ck.steps() == [] and ck.latest(carry, {"a": 1}) is None
+    np.testing.assert_array_equal(ck.diagnostics.read(6)["loss"], [2.0, 3.0, 4.0, 5.0, 6.0, 7.0])

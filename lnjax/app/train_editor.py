@@ -18,7 +18,7 @@ from lnjax.core.turns import REFERENCE_MINIBATCH_SIZE
 from lnjax.editors import hypernet as hn
 from lnjax.engine.meta import (MetaConfig, TrainTurns, default_configs, fingerprint, load_trained, save_trained, train,
                                training_turns)
-from lnjax.io import builtin_models
+from lnjax.io import builtin_models, checkpoint
 from lnjax.world import default_world
 from lnjax.world.world_model import DEFAULT_TARGETS, default_model
 
@@ -62,6 +62,8 @@ def trained_editor(name: str, model, targets: Sequence[str], training: Optional[
                                 checkpoint_dir=os.path.join(plan.directory, "train"), resume=True, progress=progress,
                                 log=log)
         save_trained(final, trained, report)
+        # the resume states serve an interrupted meta-training only; kept, they grew the cache by 1-5 GB a network
+        checkpoint.RunCheckpointer(os.path.join(plan.directory, "train")).drop_states()
     return hn.REGISTRY[name](trained, reset_at_eval=reset_at_eval, apply=model.apply,
                              minibatch_size=plan.meta.minibatch_size)
 

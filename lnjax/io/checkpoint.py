@@ -177,6 +177,12 @@ class RunCheckpointer:
             shutil.rmtree(self.path(old), ignore_errors=True)
         return path
 
+    def drop_states(self) -> None:
+        """Delete every ``turn_<n>`` checkpoint, keeping the diagnostics: for a run that is finished and saved
+        elsewhere, whose resume states would only take disk (a meta-training's are 1-5 GB)."""
+        for step in self.steps():
+            shutil.rmtree(self.path(step), ignore_errors=True)
+
     def latest(self, like_carry: Any, config: dict, log=print) -> Optional[tuple[int, Any, dict, dict]]:
         """``(turns_done, carry, diagnostics, host_state)`` of the newest loadable checkpoint, or None.
 
