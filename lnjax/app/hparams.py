@@ -90,8 +90,8 @@ FAIR_TUNING = {
     "hypernetworks": "FAIR_TESTBED_BASELINE_HPARAMS: the initial edit lr of meta-training (on the world's train "
                      "pool), one 7-point grid around 3 (experiments/results/fair_protocol/tuning_hypernets.json; "
                      "python experiments/tune_fair.py --editors rledit,malmen,mend --turns 5; MALMEN's grid one point "
-                     "per process, tuning_malmen.json): rledit and malmen tuned (each at the grid's largest point); "
-                     "mend not tuned (not run)",
+                     "per process, tuning_malmen.json, tuning_mend.json): rledit and malmen at the grid's largest "
+                     "point, mend inside it",
 }
 # Run names that are a registry editor at other settings (``registry_name``).
 RUN_ALIASES = {name: v["editor"] for name, v in FAIR_TESTBED_HPARAMS.items() if v["editor"] != name}
@@ -114,12 +114,13 @@ META_TRAINED = ("rledit", "malmen", "mend", "rledit_no_normalization", "malmen_n
 # AlphaEdit have no row: the memory's 36,000-wide keys make their key second moment 36,000 x 36,000.
 # The meta-trained hypernetworks' rows (``lnjax.app.run.meta_options``) hold the edit lr their meta-training starts
 # from (NetConfig.lr; meta-training then learns it per module), tuned with one 7-point grid around 3 like the LN
-# editors' (experiments/results/fair_protocol/tuning_hypernets.json, tuning_malmen.json; both at the grid's largest
-# point). MEND has no row: its grid was not run (out of time), so it starts from the published 1e-6.
+# editors' (experiments/results/fair_protocol/tuning_hypernets.json, tuning_malmen.json, tuning_mend.json; RLEdit and
+# MALMEN at the grid's largest point, MEND inside it). Their no-LN twins have no row (not tuned).
 FAIR_TESTBED_BASELINE_HPARAMS = {
     "ft": {"lr": 316.22776601683796, "norm_constraint": None},
     "rledit": {"lr": 94.86832980505137},
     "malmen": {"lr": 94.86832980505137},
+    "mend": {"lr": 9.486832980505138},
 }
 FAIR_TESTBED_UNSUPPORTED = ("memit", "alphaedit")
 # The model-running baselines' settings on the embedded world (the paragraph above MODEL_BASELINES); a table of
