@@ -70,15 +70,24 @@ def weighted_answer_loss(apply: Callable, params, ids: jax.Array, attn: jax.Arra
     if parts is None:
         ce, _ = token_log_likelihood(apply(params, ids, attn), labels)
         return jnp.sum(ce * weights)
+    logits, idx, real = supervised_logits(parts, params, ids, attn, labels, max_rows)
+    # the fill slots (past the real rows) are unsupervised: their cross-entropy is 0
+    ce, _ = token_log_likelihood(logits, jnp.where(real, labels.reshape(-1)[idx], IGNORE))
+    return jnp.sum(ce * weights.reshape(-1)[idx])
+
+
+def supervised_logits(parts: tuple, params, ids: jax.Array, attn: jax.Array, labels: jax.Array,
+                      max_rows: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """The logits [max_rows, vocab] of the supervised positions of ids / attn / labels [E, L] only, from
+    ``parts`` = ``(hidden, head)``: those positions gathered into ``max_rows`` fixed slots (at least as many as there
+    are), with each slot's flat position ``idx`` [max_rows] and whether it holds one, ``real`` [max_rows] (the
+    fill slots point at position 0)."""
     hidden, head = parts
     E, L = ids.shape
     sup = (labels != IGNORE).reshape(-1)
     (idx,) = jnp.nonzero(sup, size=max_rows, fill_value=0)
     real = jnp.arange(max_rows) < jnp.sum(sup)
-    h = hidden(params, ids, attn).reshape(E * L, -1)[idx]                    # [max_rows, d_model]
-    # the fill slots (past the real rows) are unsupervised: their cross-entropy is 0
-    ce, _ = token_log_likelihood(head(params, h), jnp.where(real, labels.reshape(-1)[idx], IGNORE))
-    return jnp.sum(ce * weights.reshape(-1)[idx])
+    return head(params, hidden(params, ids, attn).reshape(E * L, -1)[idx]), idx, real
 
 
 def stream_parts(apply: Callable, stream: Optional[jax.Array], start: Optional[int]) -> Optional[tuple]:
@@ -103,11 +112,9 @@ def supervised_argmax(apply: Callable, params, batch: TurnBatch, max_rows: int, 
     parts = stream_parts(apply, stream, stream_start) or split_apply(apply)
     if parts is None:
         return jnp.where(sup, jnp.argmax(apply(params, ids, attn), axis=-1), -1)
-    hidden, head = parts
     E, L = ids.shape
-    (idx,) = jnp.nonzero(sup.reshape(-1), size=max_rows, fill_value=0)
-    real = jnp.arange(max_rows) < jnp.sum(sup)
-    pred = jnp.argmax(head(params, hidden(params, ids, attn).reshape(E * L, -1)[idx]), axis=-1)
+    logits, idx, real = supervised_logits(parts, params, ids, attn, labels, max_rows)
+    pred = jnp.argmax(logits, axis=-1)
     # the fill slots point at position 0 of edit 0; writing -1 there first, then the real slots, keeps them out
     out = jnp.full((E * L,), -1, pred.dtype).at[jnp.where(real, idx, E * L)].set(pred, mode="drop")
     return jnp.where(sup.reshape(-1), out, -1).reshape(E, L)
