@@ -11,9 +11,11 @@ after the other.
 
 1. **released**: a thin driver builds the released code's config (a plain namespace in place of Hydra's), its
    zsre ``DataLoader`` (``data/base.py``: sorted turns, mini-batches of 10), its ``make_model`` and its editor
-   class, and calls the editor's own ``sequential_valid`` (warm-up, edit turns, and the code's own teacher-forced
-   evaluation; its ``run()`` would then reload the model twice, which is left out of the timing); the edited
-   target weights are saved. Logging-only imports (wandb, swanlab) and imports of code
+   class, runs the code's own evaluation loop on the unedited model (``--unedited-eval on``, the default: the
+   job issue 25 timed evaluates before and after, and "locality vs unedited" needs the unedited predictions;
+   ``off`` leaves it out), and calls the editor's own ``sequential_valid`` (warm-up, edit turns, and the code's
+   own teacher-forced evaluation; its ``run()`` would then reload the model twice, which is left out of the
+   timing); the edited target weights are saved. Logging-only imports (wandb, swanlab) and imports of code
    paths this run never takes (GLUE evaluation, LoRA, nltk, omegaconf for type hints) are stand-in modules.
    The released StableEdit ``editor/base.py`` does not parse (an ``else:`` followed by a condition, in the
    WikiBigEdit branch); the driver compiles it with that one line read as ``elif``, in memory.
@@ -268,6 +270,30 @@ def _timed(editor, stamps: list) -> None:
     editor.cache, editor.edit_model = timed_cache, timed_edit
 
 
+def released_unedited_eval(model, loader, turns: int, succ_ratios) -> dict:
+    """The released code's own evaluation loop (``sequential_valid``'s: every edit, equivalence and unrelated
+    mini-batch of the first ``turns`` turns through ``model``, ``succ_ratios`` of its labels) run on the unedited
+    model, keeping the argmax at the unrelated probes' labelled positions: what "locality vs unedited" compares
+    against, so a job that reports that metric (lnjax's does) runs this pass, as issue 25's 213 s job did ("a
+    plain batched transformers evaluation" before and after). Returns the unedited ES / GS / LS and the kept
+    argmax count."""
+    import itertools
+
+    import torch
+    succs = {"edit_tuples": [], "equiv_tuples": [], "unrel_tuples": []}
+    kept = []
+    for tuples in itertools.islice(loader, turns):
+        for k, s in succs.items():
+            for t in tuples[k]:
+                with torch.no_grad():
+                    logits = model(**t)["logits"]
+                s += succ_ratios(logits, t["labels"])
+                if k == "unrel_tuples":
+                    kept.append(logits.argmax(-1)[t["labels"] != -100])
+    return {"ES": float(np.mean(succs["edit_tuples"])), "GS": float(np.mean(succs["equiv_tuples"])),
+            "LS": float(np.mean(succs["unrel_tuples"])), "kept_locality_tokens": int(sum(len(x) for x in kept))}
+
+
 def released_side(a) -> None:
     t0 = time.perf_counter()
     logged: list = []
@@ -286,6 +312,11 @@ def released_side(a) -> None:
     stamps: list = []
     _timed(editor, stamps)
     t_loaded = time.perf_counter()
+    unedited = None
+    if a.unedited_eval == "on":
+        unedited = released_unedited_eval(editor.model, valid_loader, cfg.num_seq,
+                                          importlib.import_module("util").succ_ratios)
+    t_unedited = time.perf_counter()
     if a.editor == "stableedit":
         editor.prev_param_shift = {}  # what its run() sets before sequential_valid
         editor.sequential_valid(valid_loader, train_loader=train_loader)
@@ -299,9 +330,11 @@ def released_side(a) -> None:
     turns = turn_seconds(stamps)
     json.dump({"side": "released", "editor": a.editor, "repo": a.repo, "stand_in_modules": stand_ins,
                "patches": patches, "own_metrics": {k: float(v) for k, v in (own or {}).items()},
+               "own_unedited_metrics": unedited,
                "dtype": str(next(editor.model.parameters()).dtype), "torch": torch.__version__,
                "threads": torch.get_num_threads(),
-               "timings": {"load_seconds": t_loaded - t0, "turns": turns,
+               "timings": {"load_seconds": t_loaded - t0, "unedited_eval_seconds": t_unedited - t_loaded,
+                           "turns": turns,
                            "eval_seconds": t_done - stamps[-1]["end"], "in_process_seconds": t_done - t0}},
               open(a.json_out, "w"), indent=1)
 
@@ -447,7 +480,8 @@ def _one_editor(a, editor: str, root: str, log=print) -> dict:
     common = ["--editor", editor, "--warmup-turns", str(warm)]
     rec = {"warmup_turns": warm, "settings": SETTINGS[editor], "jobs": {}}
     load = {"released": _uptime()}
-    wall = _child("released", a, common + ["--repo", repo, "--cache-dir", os.path.join(d, "released_cache"),
+    wall = _child("released", a, common + ["--unedited-eval", a.unedited_eval, "--repo", repo,
+                                           "--cache-dir", os.path.join(d, "released_cache"),
                                            "--json-out", os.path.join(d, "released.json"),
                                            "--kernels-out", os.path.join(d, "released.npz")],
                   env={"PYTHONPATH": repo, "WANDB_MODE": "disabled"}, log=log)
@@ -473,14 +507,15 @@ def phases(job: dict) -> dict:
     t = job["timings"]
     warm, edit = list(t["turns"]["warmup"]), list(t["turns"]["edit"])
     evaluation = t["eval_seconds"]
-    return {"whole": job["wall_seconds"], "before_first_turn": job["wall_seconds"] - sum(warm) - sum(edit) - evaluation,
+    return {"whole": job["wall_seconds"], "unedited_eval": t.get("unedited_eval_seconds"),
+            "before_first_turn": job["wall_seconds"] - sum(warm) - sum(edit) - evaluation,
             "load": t.get("load_seconds", t.get("load_model_seconds")), "prepare": t.get("prepare_job_seconds"),
             "warmup": warm, "edit": edit, "final_eval": evaluation}
 
 
 HEADER = ["editor", "implementation", "ES", "GS", "LS", "loc vs unedited", "own ES / GS / LS"]
 TIME_HEADER = ["editor", "implementation", "whole job s", "before first turn s", "of which load s",
-               "of which prepare s", "warm-up turns s", "edit turns s", "final evaluation s"]
+               "of which prepare s (lnjax: with the unedited predictions)", "of which unedited evaluation s", "warm-up turns s", "edit turns s", "final evaluation s"]
 
 
 def _own(job: dict) -> str:
@@ -500,7 +535,8 @@ def table(results: dict) -> str:
     fmt = lambda xs: " / ".join(f"{x:.1f}" for x in xs) or "-"  # noqa: E731
     metrics, times, ratios = [HEADER], [TIME_HEADER], [[
         "editor", "max abs(shift diff) / max abs(released shift), per target", "cosine of the shifts",
-        "time lnjax / released: whole job", "per edit turn (mean)", "last edit turn"]]
+        "time lnjax / released: whole job", "whole job, released without its unedited evaluation",
+        "per edit turn (mean)", "last edit turn"]]
     for name, rec in results["editors"].items():
         ph = {}
         for side in ("released", "lnjax"):
@@ -511,11 +547,12 @@ def table(results: dict) -> str:
             ph[side] = p = phases(job)
             opt = lambda x: "-" if x is None else f"{x:.1f}"  # noqa: E731
             times.append([name, side, f"{p['whole']:.1f}", f"{p['before_first_turn']:.1f}", opt(p["load"]),
-                          opt(p["prepare"]), fmt(p["warmup"]), fmt(p["edit"]), f"{p['final_eval']:.1f}"])
+                          opt(p["prepare"]), opt(p["unedited_eval"]), fmt(p["warmup"]), fmt(p["edit"]), f"{p['final_eval']:.1f}"])
         sh = results["scores"]["shifts"][name]
         r, lj = ph["released"], ph["lnjax"]
         ratios.append([name, ", ".join(f"{v['relative']:.1e}" for v in sh.values()),
                        ", ".join(f"{v['cosine']:.6f}" for v in sh.values()), f"{lj['whole'] / r['whole']:.2f}",
+                       f"{lj['whole'] / (r['whole'] - (r['unedited_eval'] or 0)):.2f}",
                        f"{np.mean(lj['edit']) / np.mean(r['edit']):.2f}", f"{lj['edit'][-1] / r['edit'][-1]:.2f}"])
     u = results["scores"]["unedited"]
     tf = u["teacher_forced"]
@@ -633,6 +670,10 @@ def parse_args(argv: Optional[Sequence[str]] = None):
     p.add_argument("--seed", type=int, default=0, help="seed of the facts split")
     p.add_argument("--layout", default="zsre", choices=sorted(LAYOUTS),
                    help="record layout (zsre: the issue's; its readers append '?' to the cloze locality prompts)")
+    p.add_argument("--unedited-eval", default="on", choices=("on", "off"),
+                   help="released job: run its own evaluation loop on the unedited model first (on: the job issue 25 "
+                        "timed, evaluation before and after, which the locality-vs-unedited metric needs; off: the "
+                        "released sequential_valid alone, which reports gold-answer LS only)")
     p.add_argument("--out", default=os.path.join("runs", "vs_released"))
     # internal: one job of the comparison, run in its own process
     p.add_argument("--side", choices=("released", "lnjax", "score"), help=argparse.SUPPRESS)

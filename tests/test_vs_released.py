@@ -148,6 +148,7 @@ def test_phases_split_the_whole_job(vs):
     assert p["before_first_turn"] == pytest.approx(25.0)  # 100 - 10 - 35 - 30
     assert (p["load"], p["prepare"], p["final_eval"]) == (5.0, 12.0, 30.0)
     released = {"wall_seconds": 50.0, "timings": {"turns": {"warmup": [], "edit": [8.0]}, "eval_seconds": 30.0,
-                                                  "load_seconds": 4.0}}
+                                                  "load_seconds": 4.0, "unedited_eval_seconds": 6.0}}
     p = vs.phases(released)
     assert p["before_first_turn"] == pytest.approx(12.0) and p["load"] == 4.0 and p["prepare"] is None
+    assert p["unedited_eval"] == 6.0 and vs.phases(job)["unedited_eval"] is None  # lnjax's is inside prepare
