@@ -85,6 +85,10 @@ def test_needs_select_what_the_engine_computes():
     editor = Editor(init=base.init, update=update, needs=frozenset({"features", "params"}))
     edit_sequence(model, editor, tb, TARGETS, chunk=3, progress=False)
     assert seen == {"features": True, "kwargs": ["params"]}
+    # the static row bound reaches the editors that ask for it, as the int the engine sized the turn with
+    edit_sequence(model, editor._replace(needs=frozenset({"features", "max_rows"})), tb, TARGETS, chunk=3,
+                  progress=False)
+    assert seen["kwargs"] == ["max_rows"]
     # needs outside the protocol are refused before anything is traced
     with pytest.raises(ValueError, match="subset of"):
         edit_sequence(model, editor._replace(needs=frozenset({"weights"})), tb, TARGETS, progress=False)

@@ -72,7 +72,7 @@ def test_make_editor_reads_npz_statistics_and_labels_them(tmp_path):
     editor, meta = baselines.make_editor("alphaedit", m, TARGETS, npz=paths, options={"null_rank": 5}, log=None)
     assert meta["key_stats_approximation"] and meta["key_stats_tokens"] == key_stats.tokens(stats)
     state = editor.init({t: (CFG.d_ff, CFG.d_model) for t in TARGETS})
-    assert {int(v) for v in state.null_dims.values()} == {5} and editor.needs == {"params", "turn"}
+    assert {int(v) for v in state.null_dims.values()} == {5} and editor.needs == {"params", "turn", "max_rows"}
     with pytest.raises(ValueError, match="needs key statistics"):
         baselines.make_editor("memit", m, TARGETS)
     with pytest.raises(ValueError, match="no .npz"):

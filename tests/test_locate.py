@@ -139,6 +139,31 @@ def test_compute_z_decreases_the_target_loss_and_respects_the_clamp():
     np.testing.assert_array_equal(np.asarray(z1), np.asarray(h1))
 
 
+def test_compute_z_from_the_z_block_and_at_supervised_positions_equals_the_whole_model():
+    """The fast paths of compute_z (blocks up to the z block run once; only supervised positions and the KL
+    positions projected to the vocabulary) give the whole-model result; an apply that does not split into
+    blocks takes the whole-model path."""
+    m, turn = _model(), _turn(4, pad_last=True)
+    toks, lens, _ = locate.prefix_arrays([(5, 6, 7), (8, 9)])
+    rows, pos = locate.context_rows(turn.edit, turn.subject_last, toks, lens, 1)
+    valid = jnp.asarray([True, True, True, False])
+    cfg = locate.LocateConfig("memit", v_lr=0.5, clamp_norm_factor=0.75)
+    opaque = lambda p, i, a: m.apply(p, i, a)  # noqa: E731  (not splittable: the whole model every step)
+    assert locate._z_stages(opaque, TARGETS[1]) is None and locate._z_stages(m.apply, TARGETS[1]) is not None
+    n_sup = int(np.sum(np.asarray(rows.labels) != IGNORE))
+    outs = [jax.jit(lambda p, f=f, r=r: locate.compute_z(f, p, rows, pos, valid, TARGETS[1], cfg, r))(m.params)
+            for f, r in ((opaque, None), (m.apply, None), (m.apply, n_sup), (m.apply, n_sup + 7))]
+    ref = [np.asarray(a) for a in outs[0]]
+    assert np.abs(ref[0] - ref[1]).max() > 1e-3  # the edits moved
+    for out in outs[1:]:
+        for got, want in zip(out, ref):
+            np.testing.assert_allclose(np.asarray(got), want, rtol=1e-4, atol=1e-5 * np.abs(want).max())
+    stop_all = locate.LocateConfig("memit", stop_loss=1e9)  # every edit below the loss floor: no step at all
+    z, h, _ = jax.jit(lambda p: locate.compute_z(m.apply, p, rows, pos, valid, TARGETS[1], stop_all, n_sup))(
+        m.params)
+    np.testing.assert_array_equal(np.asarray(z), np.asarray(h))
+
+
 @functools.partial(jax.jit, static_argnums=3)
 def _inputs(params, ids, mask, target):
     return key_stats.module_inputs(apply_fn(CFG), params, [target], ids, mask)[target]

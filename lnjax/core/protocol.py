@@ -40,7 +40,7 @@ class EditorState(EditCounters):
     stats: dict
 
 
-NEEDS = ("features", "params", "turn")
+NEEDS = ("features", "params", "turn", "max_rows")
 
 
 class Editor(NamedTuple):
@@ -51,7 +51,9 @@ class Editor(NamedTuple):
     ``needs`` (a subset of ``NEEDS``) says what the engine computes for ``update``: ``"features"`` the turn's
     ``{target: Features}`` from ``lnjax.models.probe.turn_features`` on the pre-turn model (else ``features`` is None
     and the probe is skipped), ``"params"`` the full pre-turn parameters, ``"turn"`` the turn's arrays as an
-    ``lnjax.core.turns.EditTurn``. The state keeps int32 counters ``turns`` and ``rejected``.
+    ``lnjax.core.turns.EditTurn``, ``"max_rows"`` the static bound (an int, or None) on the supervised positions of
+    any turn, for editors that project only those onto the vocabulary. The state keeps int32 counters ``turns``
+    and ``rejected``.
     """
 
     init: Callable[[Mapping[str, tuple[int, int]]], EditorState]

@@ -46,7 +46,7 @@ from flax import struct
 from lnjax.core.protocol import EditCounters, Editor, reject_nonfinite, target_shapes
 from lnjax.core.features import is_concrete
 from lnjax.editors.key_stats import KeyStats, check_tapped, tap_inputs
-from lnjax.models import get_module, split_path, with_module_leaf
+from lnjax.models import get_module, split_path, split_stages, with_module_leaf
 from lnjax.core.turns import IGNORE, TurnBatch
 from lnjax.models.probe import token_log_likelihood
 
@@ -251,16 +251,83 @@ def _forward(apply: Callable, params, rows: TurnBatch, pos: jax.Array, z_target:
     return logits, sink["h"], {t: sink[t][at].astype(jnp.float32) for t in key_targets}
 
 
+def _z_stages(apply: Callable, z_target: str):
+    """``(Stages, z block)`` when ``apply`` splits into blocks (``lnjax.models.split_stages``) and the z block is
+    not the last one, else None. Then the blocks up to the z block run once per turn (δ is added after them, so
+    they cannot depend on it) and only the blocks above it run at every step of the z optimisation."""
+    stages = split_stages(apply)
+    _, zb = block_path(z_target)
+    if stages is None or zb + 1 >= stages.n_layers:
+        return None
+    return stages, zb
+
+
+def _prefix_forward(stages, zb: int, params, rows: TurnBatch, pos: jax.Array, z_target: str, key_targets=()):
+    """What ``_forward`` returns but the logits, running blocks ``0..zb`` only: the residual stream entering
+    block ``zb + 1`` [B, L, d] (the z block's output), that output at ``pos`` [B, d] and each key target's input
+    at ``pos`` [B, d_in] (every key target lies at or below the z block)."""
+    B = rows.input_ids.shape[0]
+    sink: dict = {}
+    at = (jnp.arange(B), pos)
+    tapped = tap_inputs(params, key_targets, rows.input_ids.shape, sink)
+    h = stages.prefix(tapped, rows.input_ids, rows.attention_mask, zb + 1)
+    check_tapped(sink, key_targets)
+    return h, h[at].astype(jnp.float32), {t: sink[t][at].astype(jnp.float32) for t in key_targets}
+
+
 def _safe_norm(x: jax.Array) -> jax.Array:
     # ‖0‖ has no gradient in JAX (0/0); the reference's torch norm uses 0 there, as does this.
     sq = jnp.sum(x * x, axis=-1)
     return jnp.where(sq > 0, jnp.sqrt(jnp.where(sq > 0, sq, 1.0)), 0.0)
 
 
+def _z_scorer(apply: Callable, params, rows: TurnBatch, pos: jax.Array, z_target: str, bare: jax.Array,
+              max_rows: Optional[int]):
+    """``(h0 [B, d], score)``: the z block's output at ``pos`` on the unshifted rows and ``score(delta_rows)``
+    -> ``(ce [B] summed over each row's supervised positions, log-probabilities at the bare rows' ``pos``
+    [E, V])`` with ``delta_rows`` [B, d] added to the z block's output at ``pos``.
+
+    Through ``Stages`` (``_z_stages``) the blocks up to the z block run once here and ``score`` runs the rest;
+    with ``max_rows`` (a bound on the supervised positions of the rows) only those positions and the bare rows'
+    ``pos`` are projected to the vocabulary. Otherwise every call runs the whole model (``_forward``)."""
+    B, L = rows.labels.shape
+    sup = rows.labels != IGNORE
+    split = _z_stages(apply, z_target)
+    if split is None:
+        _, h0, _ = _forward(apply, params, rows, pos, z_target)
+
+        def score(delta_rows):
+            logits, _, _ = _forward(apply, params, rows, pos, z_target, delta_rows=delta_rows)
+            ce, _ = token_log_likelihood(logits, rows.labels)
+            return jnp.sum(ce, axis=1), jax.nn.log_softmax(logits[bare, pos[bare]].astype(jnp.float32), axis=-1)
+        return h0, score
+    stages, zb = split
+    h_in, h0, _ = _prefix_forward(stages, zb, params, rows, pos, z_target)
+    at = (jnp.arange(B), pos)
+    if max_rows is not None:
+        (idx,) = jnp.nonzero(sup.reshape(-1), size=min(int(max_rows), B * L), fill_value=0)
+        real = jnp.arange(idx.shape[0]) < jnp.sum(sup)
+        slot_labels = jnp.where(real, rows.labels.reshape(-1)[idx], IGNORE)
+
+    def score(delta_rows):
+        hidden = stages.suffix(params, h_in.at[at].add(delta_rows.astype(h_in.dtype)), rows.input_ids,
+                               rows.attention_mask, zb + 1)
+        logp = jax.nn.log_softmax(stages.head(params, hidden[bare, pos[bare]]).astype(jnp.float32), axis=-1)
+        if max_rows is None:
+            ce, _ = token_log_likelihood(stages.head(params, hidden), rows.labels)
+            return jnp.sum(ce, axis=1), logp
+        ce, _ = token_log_likelihood(stages.head(params, hidden.reshape(B * L, -1)[idx]), slot_labels)
+        return jax.ops.segment_sum(ce, idx // L, B), logp
+    return h0, score
+
+
 def compute_z(apply: Callable, params, rows: TurnBatch, pos: jax.Array, valid: jax.Array, z_target: str,
-              cfg: LocateConfig) -> tuple[jax.Array, jax.Array, jax.Array]:
+              cfg: LocateConfig, max_rows: Optional[int] = None) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Target block outputs ``z = h + δ`` [E, d] at the last edited block (``z_target``'s), for rows
-    [E·P, L'] from ``context_rows`` (row 0 of each edit the bare prompt) and ``valid`` [E].
+    [E·P, L'] from ``context_rows`` (row 0 of each edit the bare prompt) and ``valid`` [E]. ``max_rows``: a
+    bound on the rows' supervised positions (P times the turn's), so that only those are projected to the
+    vocabulary (``_z_scorer``). The optimisation stops once no edit is above ``stop_loss`` (the reference
+    optimises each edit alone and breaks there; a stopped edit takes no further step either way).
 
     Returns ``(z, h_init, losses [2, E])``: per-edit loss before optimisation and at the returned ``δ``.
     """
@@ -268,19 +335,17 @@ def compute_z(apply: Callable, params, rows: TurnBatch, pos: jax.Array, valid: j
     P = rows.input_ids.shape[0] // E
     row_edit = jnp.repeat(jnp.arange(E), P)
     bare = jnp.arange(E) * P
-    logits0, h0, _ = _forward(apply, params, rows, pos, z_target)
+    h0, score = _z_scorer(apply, params, rows, pos, z_target, bare, max_rows)
     h_init = h0[bare]
     d = h_init.shape[1]
-    logp_init = jax.nn.log_softmax(logits0[bare, pos[bare]].astype(jnp.float32), axis=-1)
+    n_sup = jnp.maximum(jnp.sum(rows.labels != IGNORE, axis=1), 1)
+    logp_init = score(jnp.zeros_like(h0))[1]
     h_norm = _safe_norm(h_init)
     max_norm = cfg.clamp_norm_factor * h_norm
 
     def losses(delta):
-        logits, _, _ = _forward(apply, params, rows, pos, z_target, delta_rows=delta[row_edit])
-        ce, sup = token_log_likelihood(logits, rows.labels)
-        per_row = jnp.sum(ce, axis=1) / jnp.maximum(jnp.sum(sup, axis=1), 1)
-        nll = jnp.mean(per_row.reshape(E, P), axis=1)
-        logp = jax.nn.log_softmax(logits[bare, pos[bare]].astype(jnp.float32), axis=-1)
+        ce_rows, logp = score(delta[row_edit])
+        nll = jnp.mean((ce_rows / n_sup).reshape(E, P), axis=1)
         kl = jnp.sum(jnp.exp(logp) * (logp - logp_init), axis=-1)
         wd = cfg.v_weight_decay * _safe_norm(delta) / jnp.maximum(h_norm ** 2, 1e-30)
         per_edit = jnp.where(valid, nll + cfg.kl_factor * kl + wd, 0.0)
@@ -289,19 +354,21 @@ def compute_z(apply: Callable, params, rows: TurnBatch, pos: jax.Array, valid: j
     opt = optax.adam(cfg.v_lr)
     grad = jax.value_and_grad(losses, has_aux=True)
 
-    def step(_, carry):
-        delta, opt_state, active = carry
+    def step(carry):
+        i, delta, opt_state, active = carry
         (_, per_edit), g = grad(delta)
         active = active & (per_edit >= cfg.stop_loss)
         upd, opt_state = opt.update(g, opt_state)
         new = delta + upd
         n = _safe_norm(new)
         new = jnp.where((n > max_norm)[:, None], new * (max_norm / jnp.maximum(n, 1e-30))[:, None], new)
-        return jnp.where(active[:, None], new, delta), opt_state, active
+        return i + 1, jnp.where(active[:, None], new, delta), opt_state, active
 
     delta0 = jnp.zeros((E, d), jnp.float32)
-    # At most v_num_grad_steps - 1 updates: the reference breaks before stepping at its last iteration.
-    delta, _, _ = jax.lax.fori_loop(0, cfg.v_num_grad_steps - 1, step, (delta0, opt.init(delta0), valid))
+    # At most v_num_grad_steps - 1 updates: the reference breaks before stepping at its last iteration. Once
+    # every edit is below stop_loss (inactive) no step changes anything, so the loop ends there.
+    _, delta, _, _ = jax.lax.while_loop(lambda c: (c[0] < cfg.v_num_grad_steps - 1) & jnp.any(c[3]), step,
+                                        (jnp.zeros((), jnp.int32), delta0, opt.init(delta0), valid))
     first = losses(delta0)[1]
     last = losses(delta)[1]
     return h_init + delta, h_init, jnp.stack([first, last])
@@ -311,7 +378,11 @@ def keys_and_z(apply: Callable, params, rows: TurnBatch, pos: jax.Array, weights
                z_target: str, key_targets: Sequence[str]) -> tuple[dict, jax.Array]:
     """``compute_ks``: each key target's input at the subject-last token, averaged over the context prefixes
     with ``weights`` [P] → {target: [E, d_in]}; and the current block output at the bare prompts [E, d]."""
-    _, h, keys = _forward(apply, params, rows, pos, z_target, key_targets)
+    split = _z_stages(apply, z_target)
+    if split is None:
+        _, h, keys = _forward(apply, params, rows, pos, z_target, key_targets)
+    else:  # the keys and the z block's output lie at or below the z block: nothing above it runs
+        _, h, keys = _prefix_forward(*split, params, rows, pos, z_target, key_targets)
     P = rows.input_ids.shape[0] // E
     avg = {t: jnp.einsum("epd,p->ed", k.reshape(E, P, -1), weights, precision=_HP) for t, k in keys.items()}
     return avg, h.reshape(E, P, -1)[:, 0]
@@ -403,14 +474,16 @@ def _subject_positions(turn: Any, cfg: LocateConfig) -> tuple[jax.Array, jax.Arr
 def locate_editor(apply: Callable, stats: Mapping[str, KeyStats], cfg: LocateConfig) -> Editor:
     """A MEMIT or AlphaEdit ``Editor`` (by ``cfg.method``) over the pure ``apply`` with second-moment
     statistics ``stats`` {target: KeyStats} of the unedited model (``lnjax.editors.key_stats``). It needs the turn's
-    ``params`` and ``turn`` (``turn.edit`` TurnBatch [E, L], ``turn.subject_last`` [E]); ``features`` is unused."""
+    ``params`` and ``turn`` (``turn.edit`` TurnBatch [E, L], ``turn.subject_last`` [E]) and takes the engine's
+    ``max_rows`` (the turn's supervised positions at most; without it every position is projected to the
+    vocabulary in the z optimisation); ``features`` is unused."""
     toks, lens, weights = prefix_arrays(cfg.prefixes)
     dtype = jnp.float64 if cfg.dtype == "float64" else jnp.float32
 
     def init(shapes: Mapping[str, tuple[int, int]]) -> LocateState:
         return _locate_init(shapes, stats, cfg)
 
-    def update(features: Any, state: LocateState, *, warmup=False, params=None, turn=None):
+    def update(features: Any, state: LocateState, *, warmup=False, params=None, turn=None, max_rows=None):
         if params is None or turn is None:
             raise ValueError(f"{cfg.method} needs the turn's params and turn (Editor.needs)")
         edit = turn.edit
@@ -419,7 +492,9 @@ def locate_editor(apply: Callable, stats: Mapping[str, KeyStats], cfg: LocateCon
         names = state.target_names()
         z_target = names[-1]
         rows, pos = context_rows(edit, jnp.maximum(subject_last, 0), toks, lens, cfg.insert_at)
-        z, _, z_losses = compute_z(apply, params, rows, pos, valid, z_target, cfg)
+        n_templates = rows.input_ids.shape[0] // E
+        z, _, z_losses = compute_z(apply, params, rows, pos, valid, z_target, cfg,
+                                   None if max_rows is None else max_rows * n_templates)
         w = jnp.asarray(weights)
         vmask = valid.astype(jnp.float32)[:, None]
         current = params
@@ -444,8 +519,8 @@ def locate_editor(apply: Callable, stats: Mapping[str, KeyStats], cfg: LocateCon
         return deltas, state.replace(cache_c=cache, z_loss=z_loss)
 
     # A non-finite shift is rejected whole (no weight change, key cache as before); z_loss reports the attempt.
-    return reject_nonfinite(Editor(init=init, update=update, config=cfg, needs=frozenset({"params", "turn"})),
-                            diagnostics=("z_loss",))
+    return reject_nonfinite(Editor(init=init, update=update, config=cfg,
+                                   needs=frozenset({"params", "turn", "max_rows"})), diagnostics=("z_loss",))
 
 
 def memit(apply: Callable, stats: Mapping[str, KeyStats], **options) -> Editor:

@@ -117,6 +117,8 @@ def editor_inputs(apply: Callable, editor: Editor, params, targets: Sequence[str
         kwargs["params"] = params
     if "turn" in needs:
         kwargs["turn"] = turn
+    if "max_rows" in needs:
+        kwargs["max_rows"] = max_rows
     return features, kwargs, loss, n_rows
 
 
