@@ -3,15 +3,19 @@ r"""Every editor on SmolLM2-135M with real facts at 2,000 sequential edits: tune
     # 1. cost of one turn and one evaluation per editor (MEMIT/AlphaEdit: published settings, untuned)
     python experiments/smollm2_frontier.py tune --turns 1 --offsets 0 \
         --editors ultraedit,stableedit,no_normalization,ft --out runs/frontier2000/cost.json
-    python experiments/smollm2_frontier.py tune --turns 1 --offsets 0 --editors memit,alphaedit \
+    python experiments/smollm2_frontier.py tune --turns 1 --published --editors memit,alphaedit \
         --out runs/frontier2000/cost_locate.json
     # 2. tuning: the same grid for every editor, on tune-subject edits (--reuse: rows an interrupted run logged)
     python experiments/smollm2_frontier.py tune --editors ultraedit,no_normalization,stableedit --turns 4 \
         --offsets=-2,-1,0 --out experiments/results/smollm2/frontier2000/tuning.json
+    python experiments/smollm2_frontier.py tune --editors alphaedit --turns 4 --offsets=-2,-1,0 \
+        --out experiments/results/smollm2/frontier2000/tuning_alphaedit.json
     # 3. the chosen lr of each editor, 20 turns of 100 edit-subject edits, per edit seed
     python experiments/smollm2_frontier.py run --tuning experiments/results/smollm2/frontier2000/tuning.json \
         --seed 0 --out experiments/results/smollm2/frontier2000/run_seed0.json
-    # 4. table + frontier figure from the tuning and run files
+    python experiments/smollm2_frontier.py run --tuning experiments/results/smollm2/frontier2000/tuning_alphaedit.json \
+        --editors alphaedit --seed 0 --out experiments/results/smollm2/frontier2000/run_alphaedit_seed0.json
+    # 4. table + frontier figure from the tuning and run files (tuning*.json, run_*seed*.json)
     python experiments/smollm2_frontier.py summary --dir experiments/results/smollm2/frontier2000
 
 Subjects. ``lnjax.data.facts`` splits *subjects* (seed 0): ``edit`` (about 60%), ``train`` (25%), ``locality``
@@ -31,9 +35,12 @@ largest score wins, ties to the smaller lr (the rule of ``experiments/tune_fair.
 Evaluation: after all turns, the same three metrics on ``--eval-n`` edited records drawn at random (seeded)
 from the run's edits (all of them with ``--eval-n 0``); recorded in the results as ``eval_records``.
 
-MEMIT and AlphaEdit (``--editors memit,alphaedit``, one point at their published settings: a cost measurement, not
-tuned) edit ``LOCATE_TARGETS`` with key statistics from ``docstring_corpus`` (cached as MEMIT-format .npz under
-``STATS_DIR``); one turn of each has been run (``cost_one_turn_locate.json``), not the 2,000-edit protocol.
+MEMIT and AlphaEdit edit ``LOCATE_TARGETS`` with key statistics from ``docstring_corpus`` (cached as MEMIT-format
+.npz under ``STATS_DIR``). They have no learning rate: the same 3-point grid runs over the ridge weight that sets
+their step (``KNOBS``: MEMIT's λ, AlphaEdit's α; larger is weaker, so the grid steps up from the published value
+where the learning rates step down, each spanning the decade on the weaker side of its centre); every other
+setting is published. ``--published`` runs one point at the published settings (the cost measurement
+``cost_one_turn_locate.json``).
 """
 
 import argparse
@@ -80,12 +87,29 @@ CENTRES = {
                               "(step-scale ratio ~2.8e3, experiments/smollm2_study.py)"),
     "ft": (5e-4, "the published FT-M setting of the UltraEdit baselines (lnjax.editors.ft defaults: 25 steps, "
                  "L-inf box 5e-5, chunks of 10)"),
+    "memit": (15000.0, "MEMIT's published covariance weight lambda (mom2_update_weight, every released config)"),
+    "alphaedit": (10.0, "AlphaEdit's published ridge alpha (L2 in its released Llama3-8B / GPT-J configs)"),
 }
+# What the grid varies per editor and in which direction its points step from the centre. The learning rates
+# step down (centre/10 .. centre); MEMIT's lambda and AlphaEdit's alpha are ridge weights, stronger edits at
+# smaller values, so their points step *up* (centre .. 10 x centre): every editor's grid spans the decade on the
+# weaker side of its centre, the same budget in the same direction. Fixed before any locate-editor tuning run.
+KNOBS = {"memit": ("mom2_update_weight", -1), "alphaedit": ("l2", -1)}
 
 
-def grid(centre: float, offsets) -> list:
-    """The lrs ``centre * 10 ** (k / 2)`` for the half-decade steps ``k`` in ``offsets``."""
-    return [centre * 10 ** (0.5 * k) for k in offsets]
+def knob(name: str) -> tuple:
+    """``(setting tuned, direction)``: ``("lr", 1)`` for the learning-rate editors, ``KNOBS[name]`` otherwise."""
+    return KNOBS.get(name, ("lr", 1))
+
+
+def grid(centre: float, offsets, direction: int = 1) -> list:
+    """The settings ``centre * 10 ** (direction * k / 2)`` for the half-decade steps ``k`` in ``offsets``."""
+    return [centre * 10 ** (0.5 * direction * k) for k in offsets]
+
+
+def weakness(name: str, value) -> float:
+    """Larger for weaker settings of ``name`` (the rule breaks ties towards the weaker one)."""
+    return -(value or 0) * knob(name)[1]
 
 
 def reused_rows(path: str) -> dict:
@@ -140,14 +164,15 @@ def locate_npz(model, tok, targets) -> dict:
 
 def make_editor(name: str, lr: float, model, targets, tok=None):
     """``(editor, metadata)``: the LN editors and no-LN by registry name at ``lr``; FT (at ``lr``), MEMIT and
-    AlphaEdit (their published settings; ``lr`` must be None) through lnjax.app.baselines."""
+    AlphaEdit (``lr`` is the value of their ``KNOBS`` setting; None: every setting published) through
+    lnjax.app.baselines."""
     if name == "ft":
         return baselines.make_editor(name, model, targets, options={"lr": lr}, log=None)
     if name in baselines.MODEL_EDITORS:
-        if lr is not None:
-            raise ValueError(f"{name} has no lr here: it runs at its published settings")
-        editor, meta = baselines.make_editor(name, model, targets, npz=locate_npz(model, tok, targets), log=None)
-        return editor, {**meta, "key_stats_corpus_text": CORPUS_NAME}
+        options = {} if lr is None else {knob(name)[0]: float(lr)}
+        editor, meta = baselines.make_editor(name, model, targets, npz=locate_npz(model, tok, targets),
+                                             options=options, log=None)
+        return editor, {**meta, "key_stats_corpus_text": CORPUS_NAME, "tuned_setting": knob(name)[0]}
     return lx.editors.get(name, lr=lr), {}
 
 
@@ -187,9 +212,9 @@ def unedited_row(model, job) -> dict:
 
 
 def tune(model, tok, args) -> dict:
-    n = args.turns * EDITS_PER_TURN
+    n = args.turns * args.edits_per_turn
     train = facts.edit_records("train", WARMUP_ROWS + n, seed=FACTS_SEED)
-    job = prepare_edits(train[WARMUP_ROWS:], tok, model, edits_per_turn=EDITS_PER_TURN, n_turns=args.turns,
+    job = prepare_edits(train[WARMUP_ROWS:], tok, model, edits_per_turn=args.edits_per_turn, n_turns=args.turns,
                         warmup_records=train[:WARMUP_ROWS])
     out = {"split": f"facts seed {FACTS_SEED}, split 'train' rows [{WARMUP_ROWS}, {WARMUP_ROWS + n}) (subjects "
                     f"disjoint from the 'edit' split); warm-up rows [0, {WARMUP_ROWS})",
@@ -199,13 +224,13 @@ def tune(model, tok, args) -> dict:
     offsets = [int(k) for k in args.offsets.split(",")]
     reuse = reused_rows(args.reuse)
     for name in args.editors.split(","):
-        centre, why = CENTRES[name] if name not in LOCATE else (None, "published settings, untuned (cost only)")
-        lrs = grid(centre, offsets) if centre is not None else [None]
-        out["centres"][name] = {"lr": centre, "why": why, "grid": lrs}
+        centre, why = (None, "published settings, untuned (cost only)") if args.published else CENTRES[name]
+        lrs = grid(centre, offsets, knob(name)[1]) if centre is not None else [None]
+        out["centres"][name] = {"lr": centre, "setting": knob(name)[0], "why": why, "grid": lrs}
         rows = [dict(reuse[(name, lr)], reused_from=args.reuse) if (name, lr) in reuse else
                 run_one(model, tok, job, name, lr, targets_of(args), warm_turns) for lr in lrs]
         out["rows"] += rows
-        best = max(rows, key=lambda r: (r["score"], -(r["lr"] or 0)))
+        best = max(rows, key=lambda r: (r["score"], weakness(name, r["lr"])))
         out["chosen"][name] = {"lr": best["lr"], "score": best["score"],
                                "at_grid_edge": best["lr"] in (rows[0]["lr"], rows[-1]["lr"]) and len(rows) > 1}
         write_json(args.out, {"config": vars(args), **out})
@@ -213,16 +238,16 @@ def tune(model, tok, args) -> dict:
 
 
 def run(model, tok, args) -> dict:
-    chosen = json.load(open(args.tuning))["chosen"] if args.tuning else {}
+    chosen = {k: v for path in args.tuning.split(",") if path for k, v in json.load(open(path))["chosen"].items()}
     lrs = {k: v["lr"] for k, v in chosen.items()}
     for k, v in (p.split("=") for p in args.lr.split(",") if p):
         lrs[k] = None if v == "published" else float(v)
-    n = args.turns * EDITS_PER_TURN
+    n = args.turns * args.edits_per_turn
     pool = facts.edit_records("edit", None, seed=FACTS_SEED)
     rng = np.random.default_rng(args.seed)
     records = [pool[i] for i in rng.permutation(len(pool))[:n]]
     ev = np.sort(rng.choice(n, args.eval_n, replace=False)) if 0 < args.eval_n < n else slice(None)
-    job = prepare_edits(records, tok, model, edits_per_turn=EDITS_PER_TURN, n_turns=args.turns,
+    job = prepare_edits(records, tok, model, edits_per_turn=args.edits_per_turn, n_turns=args.turns,
                         warmup_records=facts.edit_records("train", WARMUP_ROWS, seed=FACTS_SEED), eval_records=ev,
                         targets=targets_of(args))
     out = {"edits": n, "seed": args.seed, "eval_records": int(job.eval_set.size),
@@ -238,8 +263,10 @@ def run(model, tok, args) -> dict:
 
 def summary(args) -> dict:
     """Mean ± spread per editor over the run files in ``--dir``, and the frontier figure."""
-    tuning = json.load(open(os.path.join(args.dir, "tuning.json")))
-    runs = [json.load(open(p)) for p in sorted(glob.glob(os.path.join(args.dir, "run_seed*.json")))]
+    tunings = [json.load(open(p)) for p in sorted(glob.glob(os.path.join(args.dir, "tuning*.json")))]
+    tuning = {"rows": [r for t in tunings for r in t["rows"]], "config": tunings[0]["config"],
+              "unedited": tunings[0]["unedited"], "chosen": {k: v for t in tunings for k, v in t["chosen"].items()}}
+    runs = [json.load(open(p)) for p in sorted(glob.glob(os.path.join(args.dir, "run_*seed*.json")))]
     table = {}
     for r in runs:
         for row in r["rows"]:
@@ -266,7 +293,8 @@ def summary(args) -> dict:
         axes[1].errorbar(s["loc"]["mean"], s["es"]["mean"], xerr=s["loc"]["std"], yerr=s["es"]["std"], color=c,
                          marker="o", label=f"{name} lr {s['lr']:.2g}")
     u = runs[0]["unedited"] if runs else tuning["unedited"]
-    for ax, title in zip(axes, (f"tuning: {tuning['config']['turns'] * EDITS_PER_TURN} tune-subject edits",
+    ept = tuning["config"].get("edits_per_turn", EDITS_PER_TURN)
+    for ax, title in zip(axes, (f"tuning: {tuning['config']['turns'] * ept} tune-subject edits, turns of {ept}",
                                 f"{runs[0]['edits'] if runs else '?'} edits, chosen lr ({len(runs)} seed(s))")):
         ax.scatter([u["loc"]], [u["es"]], marker="x", color="k")
         ax.set_xlabel("locality vs unedited")
@@ -290,11 +318,15 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("what", choices=("tune", "run", "summary"))
     ap.add_argument("--editors", default="ultraedit,no_normalization,stableedit")
-    ap.add_argument("--turns", type=int, default=None, help="turns of 100 edits (tune: 4, run: 20)")
+    ap.add_argument("--edits-per-turn", type=int, default=EDITS_PER_TURN)
+    ap.add_argument("--turns", type=int, default=None, help="turns (tune: 400 edits, run: 2,000 edits)")
     ap.add_argument("--offsets", default="-2,-1,0", help="tune: the grid, in half decades from each editor's "
                                                           "centre (-2,-1,0: centre/10, centre/sqrt(10), centre)")
+    ap.add_argument("--published", action="store_true", help="tune: one point per editor at its published "
+                                                                  "settings (MEMIT/AlphaEdit: a cost measurement)")
     ap.add_argument("--reuse", default="", help="tune: log of an earlier tuning run whose rows are reused")
-    ap.add_argument("--tuning", default="", help="run: the tuning JSON whose chosen lrs are run")
+    ap.add_argument("--tuning", default="", help="run: the tuning JSON file(s), comma-separated, whose chosen "
+                                                 "settings are run")
     ap.add_argument("--lr", default="", help="run: editor=lr,... over the tuning file's choice "
                                              "(memit=published: its published settings)")
     ap.add_argument("--seed", type=int, default=0, help="run: edit seed (which edit-split rows, in what order)")
@@ -306,7 +338,7 @@ def main(argv=None):
     args = ap.parse_args(argv)
     if args.what == "summary":
         return summary(args)
-    args.turns = args.turns or (4 if args.what == "tune" else 20)
+    args.turns = args.turns or (400 if args.what == "tune" else 2000) // args.edits_per_turn
     if not args.out:
         ap.error("--out is required for tune and run")
     model, tok = lx.hf.load("smollm2"), lx.hf.load_tokenizer("smollm2")
