@@ -291,11 +291,12 @@ def summary(args) -> dict:
         for row in table[name]:
             axes[1].scatter(row["loc"], row["es"], color=c, s=14)
         axes[1].errorbar(s["loc"]["mean"], s["es"]["mean"], xerr=s["loc"]["std"], yerr=s["es"]["std"], color=c,
-                         marker="o", label=f"{name} lr {s['lr']:.2g}")
+                         marker="o", label=f"{name} {knob(name)[0]} {s['lr']:.2g} ({len(s['seeds'])} seed(s))")
     u = runs[0]["unedited"] if runs else tuning["unedited"]
     ept = tuning["config"].get("edits_per_turn", EDITS_PER_TURN)
+    seeds = sorted({r["seed"] for r in runs})
     for ax, title in zip(axes, (f"tuning: {tuning['config']['turns'] * ept} tune-subject edits, turns of {ept}",
-                                f"{runs[0]['edits'] if runs else '?'} edits, chosen lr ({len(runs)} seed(s))")):
+                                f"{runs[0]['edits'] if runs else '?'} edits, chosen settings (seeds {seeds})")):
         ax.scatter([u["loc"]], [u["es"]], marker="x", color="k")
         ax.set_xlabel("locality vs unedited")
         ax.set_ylabel("efficacy (teacher-forced)")
@@ -308,7 +309,7 @@ def summary(args) -> dict:
     out = {"editors": stats, "unedited": u, "tuning_chosen": tuning["chosen"]}
     write_json(os.path.join(args.dir, "summary.json"), out)
     for name, s in stats.items():
-        print(f"{name:18s} lr {s['lr']:.3g}  ES {s['es']['mean']:.3f}±{s['es']['std']:.3f}  "
+        print(f"{name:18s} {knob(name)[0]} {s['lr']:.3g}  ES {s['es']['mean']:.3f}±{s['es']['std']:.3f}  "
               f"GS {s['gs']['mean']:.3f}±{s['gs']['std']:.3f}  loc {s['loc']['mean']:.3f}±{s['loc']['std']:.3f}  "
               f"seeds {s['seeds']}")
     return out
