@@ -12,6 +12,8 @@
 """
 
 import dataclasses
+import importlib.util
+import pathlib
 
 import jax
 import numpy as np
@@ -70,3 +72,13 @@ class NoPunct:
     def encode(self, text, add_special_tokens=True):
         kept = " ".join(w for w in text.split() if any(ch.isalnum() for ch in w))
         return self.tok.encode(kept, add_special_tokens) if kept or add_special_tokens else []
+
+
+def experiment_module(name: str):
+    """The script ``experiments/<name>.py`` imported as a module (its pure helpers are tested; the scripts
+    themselves are experiments, not tests)."""
+    path = pathlib.Path(__file__).resolve().parents[1] / "experiments" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod

@@ -1,7 +1,6 @@
 """Staged pretraining of a world model: an interrupted run resumed from its epoch checkpoints ends where one
 uninterrupted run ends, bit for bit; other settings are refused."""
 
-import importlib.util
 import os
 import shutil
 
@@ -13,15 +12,11 @@ from lnjax.io import checkpoint
 from lnjax.models import ModelConfig
 from lnjax.world import World, WorldSpec
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from fixtures import experiment_module
 
 
 def _pretrain():
-    spec = importlib.util.spec_from_file_location("pretrain_world", os.path.join(ROOT, "experiments",
-                                                                                 "pretrain_world.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return experiment_module("pretrain_world")
 
 
 def test_resumed_pretraining_equals_one_run_and_refuses_other_settings(tmp_path):

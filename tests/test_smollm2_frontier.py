@@ -2,21 +2,16 @@
 direction per editor, the tie rule, and the rows reused from a log. The study itself needs SmolLM2 and CPU-hours;
 it is an experiment, not a test."""
 
-import importlib.util
 import json
-import pathlib
 
 import pytest
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+from fixtures import experiment_module
 
 
 @pytest.fixture(scope="module")
 def fr():
-    spec = importlib.util.spec_from_file_location("smollm2_frontier", ROOT / "experiments" / "smollm2_frontier.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return experiment_module("smollm2_frontier")
 
 
 def test_every_grid_spans_the_decade_on_the_weaker_side_of_its_centre(fr):

@@ -4,7 +4,6 @@ turn timing and the in-memory fix that lets the released StableEdit ``editor/bas
 itself needs the released checkouts and minutes of CPU; it is an experiment, not a test."""
 
 import ast
-import importlib.util
 import json
 import os
 import pathlib
@@ -12,16 +11,15 @@ import pathlib
 import numpy as np
 import pytest
 
+from fixtures import experiment_module
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 RELEASED_STABLEEDIT = os.environ.get("LNJAX_RELEASED_STABLEEDIT", str(ROOT / "runs" / "released" / "StableEdit"))
 
 
 @pytest.fixture(scope="module")
 def vs():
-    spec = importlib.util.spec_from_file_location("vs_released", ROOT / "experiments" / "vs_released.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return experiment_module("vs_released")
 
 
 def _row(i=0, **over):
@@ -128,9 +126,7 @@ def test_patch_on_the_released_stableedit_base():
     path = pathlib.Path(RELEASED_STABLEEDIT) / "editor" / "base.py"
     if not path.exists():
         pytest.skip(f"no released StableEdit checkout at {path.parent.parent} (set LNJAX_RELEASED_STABLEEDIT)")
-    spec = importlib.util.spec_from_file_location("vs_released", ROOT / "experiments" / "vs_released.py")
-    vs = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(vs)
+    vs = experiment_module("vs_released")
     src = path.read_text()
     fixed, changed = vs.patch_else_condition(src)
     try:
