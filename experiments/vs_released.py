@@ -515,7 +515,8 @@ def phases(job: dict) -> dict:
 
 HEADER = ["editor", "implementation", "ES", "GS", "LS", "loc vs unedited", "own ES / GS / LS"]
 TIME_HEADER = ["editor", "implementation", "whole job s", "before first turn s", "of which load s",
-               "of which prepare s (lnjax: with the unedited predictions)", "of which unedited evaluation s", "warm-up turns s", "edit turns s", "final evaluation s"]
+               "of which prepare s (lnjax: with the unedited predictions)", "of which unedited evaluation s",
+               "warm-up turns s", "edit turns s", "final evaluation s"]
 
 
 def _own(job: dict) -> str:
@@ -547,7 +548,8 @@ def table(results: dict) -> str:
             ph[side] = p = phases(job)
             opt = lambda x: "-" if x is None else f"{x:.1f}"  # noqa: E731
             times.append([name, side, f"{p['whole']:.1f}", f"{p['before_first_turn']:.1f}", opt(p["load"]),
-                          opt(p["prepare"]), opt(p["unedited_eval"]), fmt(p["warmup"]), fmt(p["edit"]), f"{p['final_eval']:.1f}"])
+                          opt(p["prepare"]), opt(p["unedited_eval"]), fmt(p["warmup"]), fmt(p["edit"]),
+                          f"{p['final_eval']:.1f}"])
         sh = results["scores"]["shifts"][name]
         r, lj = ph["released"], ph["lnjax"]
         ratios.append([name, ", ".join(f"{v['relative']:.1e}" for v in sh.values()),

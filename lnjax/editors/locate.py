@@ -48,7 +48,7 @@ from lnjax.core.features import is_concrete
 from lnjax.editors.key_stats import KeyStats, check_tapped, tap_inputs
 from lnjax.models import get_module, split_path, split_stages, with_module_leaf
 from lnjax.core.turns import IGNORE, TurnBatch
-from lnjax.models.probe import token_log_likelihood
+from lnjax.models.probe import supervised_slots, token_log_likelihood
 
 _HP = jax.lax.Precision.HIGHEST
 THRESHOLD_MODES = ("absolute", "relative")
@@ -283,42 +283,42 @@ def _safe_norm(x: jax.Array) -> jax.Array:
 
 def _z_scorer(apply: Callable, params, rows: TurnBatch, pos: jax.Array, z_target: str, bare: jax.Array,
               max_rows: Optional[int]):
-    """``(h0 [B, d], score)``: the z block's output at ``pos`` on the unshifted rows and ``score(delta_rows)``
-    -> ``(ce [B] summed over each row's supervised positions, log-probabilities at the bare rows' ``pos``
-    [E, V])`` with ``delta_rows`` [B, d] added to the z block's output at ``pos``.
+    """``(h0 [B, d], logp0 [E, V], score)``: the z block's output at ``pos`` and the log-probabilities at the bare
+    rows' ``pos`` on the unshifted rows, and ``score(delta_rows)`` -> ``(ce [B] summed over each row's supervised
+    positions, log-probabilities at the bare rows' ``pos`` [E, V])`` with ``delta_rows`` [B, d] added to the z
+    block's output at ``pos``.
 
     Through ``Stages`` (``_z_stages``) the blocks up to the z block run once here and ``score`` runs the rest;
     with ``max_rows`` (a bound on the supervised positions of the rows) only those positions and the bare rows'
     ``pos`` are projected to the vocabulary. Otherwise every call runs the whole model (``_forward``)."""
     B, L = rows.labels.shape
-    sup = rows.labels != IGNORE
+    bare_logp = lambda logits: jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)  # noqa: E731
     split = _z_stages(apply, z_target)
     if split is None:
-        _, h0, _ = _forward(apply, params, rows, pos, z_target)
-
         def score(delta_rows):
             logits, _, _ = _forward(apply, params, rows, pos, z_target, delta_rows=delta_rows)
             ce, _ = token_log_likelihood(logits, rows.labels)
-            return jnp.sum(ce, axis=1), jax.nn.log_softmax(logits[bare, pos[bare]].astype(jnp.float32), axis=-1)
-        return h0, score
+            return jnp.sum(ce, axis=1), bare_logp(logits[bare, pos[bare]])
+
+        logits0, h0, _ = _forward(apply, params, rows, pos, z_target)  # one pass gives h0 and logp0
+        return h0, bare_logp(logits0[bare, pos[bare]]), score
     stages, zb = split
     h_in, h0, _ = _prefix_forward(stages, zb, params, rows, pos, z_target)
     at = (jnp.arange(B), pos)
     if max_rows is not None:
-        (idx,) = jnp.nonzero(sup.reshape(-1), size=min(int(max_rows), B * L), fill_value=0)
-        real = jnp.arange(idx.shape[0]) < jnp.sum(sup)
+        idx, real = supervised_slots(rows.labels, min(int(max_rows), B * L))
         slot_labels = jnp.where(real, rows.labels.reshape(-1)[idx], IGNORE)
 
     def score(delta_rows):
         hidden = stages.suffix(params, h_in.at[at].add(delta_rows.astype(h_in.dtype)), rows.input_ids,
                                rows.attention_mask, zb + 1)
-        logp = jax.nn.log_softmax(stages.head(params, hidden[bare, pos[bare]]).astype(jnp.float32), axis=-1)
+        logp = bare_logp(stages.head(params, hidden[bare, pos[bare]]))
         if max_rows is None:
             ce, _ = token_log_likelihood(stages.head(params, hidden), rows.labels)
             return jnp.sum(ce, axis=1), logp
         ce, _ = token_log_likelihood(stages.head(params, hidden.reshape(B * L, -1)[idx]), slot_labels)
         return jax.ops.segment_sum(ce, idx // L, B), logp
-    return h0, score
+    return h0, score(jnp.zeros_like(h0))[1], score
 
 
 def compute_z(apply: Callable, params, rows: TurnBatch, pos: jax.Array, valid: jax.Array, z_target: str,
@@ -335,11 +335,10 @@ def compute_z(apply: Callable, params, rows: TurnBatch, pos: jax.Array, valid: j
     P = rows.input_ids.shape[0] // E
     row_edit = jnp.repeat(jnp.arange(E), P)
     bare = jnp.arange(E) * P
-    h0, score = _z_scorer(apply, params, rows, pos, z_target, bare, max_rows)
+    h0, logp_init, score = _z_scorer(apply, params, rows, pos, z_target, bare, max_rows)
     h_init = h0[bare]
     d = h_init.shape[1]
     n_sup = jnp.maximum(jnp.sum(rows.labels != IGNORE, axis=1), 1)
-    logp_init = score(jnp.zeros_like(h0))[1]
     h_norm = _safe_norm(h_init)
     max_norm = cfg.clamp_norm_factor * h_norm
 

@@ -84,10 +84,17 @@ def supervised_logits(parts: tuple, params, ids: jax.Array, attn: jax.Array, lab
     fill slots point at position 0)."""
     hidden, head = parts
     E, L = ids.shape
+    idx, real = supervised_slots(labels, max_rows)
+    return head(params, hidden(params, ids, attn).reshape(E * L, -1)[idx]), idx, real
+
+
+def supervised_slots(labels: jax.Array, max_rows: int) -> tuple[jax.Array, jax.Array]:
+    """The flat positions ``idx`` [max_rows] of the supervised positions of ``labels`` [..., L] gathered into
+    ``max_rows`` fixed slots (at least as many as there are; the fill slots point at position 0), and whether each
+    slot holds one, ``real`` [max_rows]."""
     sup = (labels != IGNORE).reshape(-1)
     (idx,) = jnp.nonzero(sup, size=max_rows, fill_value=0)
-    real = jnp.arange(max_rows) < jnp.sum(sup)
-    return head(params, hidden(params, ids, attn).reshape(E * L, -1)[idx]), idx, real
+    return idx, jnp.arange(max_rows) < jnp.sum(sup)
 
 
 def stream_parts(apply: Callable, stream: Optional[jax.Array], start: Optional[int]) -> Optional[tuple]:
