@@ -89,7 +89,16 @@ CENTRES = {
                  "L-inf box 5e-5, chunks of 10)"),
     "memit": (15000.0, "MEMIT's published covariance weight lambda (mom2_update_weight, every released config)"),
     "alphaedit": (10.0, "AlphaEdit's published ridge alpha (L2 in its released Llama3-8B / GPT-J configs)"),
+    "rledit": (1e-3, "the initial edit lr of meta-training (published 1e-6 at 7-8B, as UltraEdit's, which "
+                     "SmolLM2 takes at 1e-3: the same scaling; meta-training then learns it per module)"),
+    "malmen": (1e-3, "as RLEdit: MALMEN's published initial edit lr 1e-6, scaled as UltraEdit's to SmolLM2"),
 }
+# The meta-trained editors (RLEdit, MALMEN): hypernetworks meta-trained on facts 'train' rows [META_ROWS_FROM, end)
+# -- after the warm-up and tuning rows, so neither a tuned-on nor an evaluated edit is ever trained on -- tokenized
+# for SmolLM2, one network per grid point (the initial edit lr is a meta-training setting), cached in HYPERNET_DIR.
+META = ("rledit", "malmen")
+META_ROWS_FROM = 600
+HYPERNET_DIR = "runs/frontier2000/hypernets"
 # What the grid varies per editor and in which direction its points step from the centre. The learning rates
 # step down (centre/10 .. centre); MEMIT's lambda and AlphaEdit's alpha are ridge weights, stronger edits at
 # smaller values, so their points step *up* (centre .. 10 x centre): every editor's grid spans the decade on the
@@ -168,6 +177,16 @@ def make_editor(name: str, lr: float, model, targets, tok=None):
     lnjax.app.baselines."""
     if name == "ft":
         return baselines.make_editor(name, model, targets, options={"lr": lr}, log=None)
+    if name in META:
+        from lnjax.app.train_editor import trained_editor
+        records = facts.edit_records("train", None, seed=FACTS_SEED)[META_ROWS_FROM:]
+        t0 = time.time()
+        editor = trained_editor(name, model, targets, records=tuple(lx.data.tokenize(records, tok)),
+                                options={} if lr is None else {"lr": float(lr)}, cache_dir=HYPERNET_DIR,
+                                edits_per_turn=EDITS_PER_TURN, progress=False)
+        return editor, {"meta_training": {"records": f"facts seed {FACTS_SEED} 'train' rows [{META_ROWS_FROM}, "
+                                                     f"{META_ROWS_FROM + len(records)})",
+                                          "seconds": time.time() - t0}}
     if name in baselines.MODEL_EDITORS:
         options = {} if lr is None else {knob(name)[0]: float(lr)}
         editor, meta = baselines.make_editor(name, model, targets, npz=locate_npz(model, tok, targets),
@@ -213,6 +232,10 @@ def unedited_row(model, job) -> dict:
 
 def tune(model, tok, args) -> dict:
     n = args.turns * args.edits_per_turn
+    if WARMUP_ROWS + n > META_ROWS_FROM and set(args.editors.split(",")) & set(META):
+        raise ValueError(f"tuning rows [{WARMUP_ROWS}, {WARMUP_ROWS + n}) would overlap the hypernetworks' "
+                         f"meta-training rows (from {META_ROWS_FROM}); tune on at most "
+                         f"{META_ROWS_FROM - WARMUP_ROWS} edits")
     train = facts.edit_records("train", WARMUP_ROWS + n, seed=FACTS_SEED)
     job = prepare_edits(train[WARMUP_ROWS:], tok, model, edits_per_turn=args.edits_per_turn, n_turns=args.turns,
                         warmup_records=train[:WARMUP_ROWS])

@@ -121,3 +121,35 @@ def test_run_reads_facts_and_uses_the_builtin_defaults():
     assert [r.source for r in edits] == ["facts:edit"] * 30 and [r.source for r in warm] == ["facts:train"] * 10
     assert editor_settings("ultraedit", cfg)["lr"] == 1e-3 and editor_settings("stableedit", cfg)["alpha"] == 10.0
     assert editor_settings("ultraedit", RunConfig(model="smollm2", dataset="facts", lr=5e-4))["lr"] == 5e-4
+
+
+def test_hypernetworks_meta_train_on_the_runs_own_training_split_and_tokenizer(tmp_path):
+    """A real model's hypernetwork meta-trains on the run dataset's train split tokenized with the run's
+    tokenizer (not on the world's token ids); a file dataset without --train-data is refused by name."""
+    from lnjax.app.run import RunConfig, meta_training_records
+    from lnjax.app.train_editor import training_plan
+    from lnjax.world.world_model import DEFAULT_TARGETS, default_model
+
+    tok = _Latin1()
+    cfg = RunConfig(model="smollm2", dataset="facts", editor_options={"n_train": 30})
+    recs = meta_training_records("rledit", cfg, tok)
+    want = facts.edit_records("train", 30)
+    assert len(recs) == 30
+    for got, rec in zip(recs, want):   # the train split's prompts, in the byte tokenizer's ids
+        assert list(got.edit[0]) == list(rec.prompt.encode("utf-8"))
+    assert not {r.prompt for r in want} & {r.prompt for r in facts.edit_records("edit")}
+    world = RunConfig(model="smollm2", dataset="world", editor_options={"n_train": 5})
+    assert len(meta_training_records("malmen", world, tok)) == 5   # world records, but this model's tokenizer
+    assert meta_training_records("malmen", RunConfig(), tok) is None   # the world's model: its own default path
+    zsre = RunConfig(model="smollm2", dataset="zsre", data="edits.json")
+    with pytest.raises(ValueError, match="--train-data"):
+        meta_training_records("rledit", zsre, tok)
+    model = default_model()   # any model: the plan only reads its kernel shapes and the records' tokens
+    given = training_plan("malmen", model, DEFAULT_TARGETS, cache_dir=str(tmp_path), records=recs, n_train=20,
+                          edits_per_turn=10)
+    default = training_plan("malmen", model, DEFAULT_TARGETS, cache_dir=str(tmp_path), n_train=20, edits_per_turn=10)
+    assert given.turns.n_turns == 2 and given.directory != default.directory
+    first = np.asarray(given.turns.edit.input_ids)[0]
+    assert any(list(row[:len(recs[i].edit[0])]) == list(recs[i].edit[0]) for row in first for i in range(10))
+    with pytest.raises(ValueError, match="only 30 training records"):
+        training_plan("malmen", model, DEFAULT_TARGETS, cache_dir=str(tmp_path), records=recs, n_train=40)

@@ -20,9 +20,9 @@ def _setup(n=6, seed=0):
     return m, EditTurn(edit=b, subject_last=-jnp.ones(n, jnp.int32))
 
 
-def _run(m, turn, **kw):
+def _run(m, turn, targets=TARGETS, **kw):
     ed = lx.editors.get("ft", apply=m.apply, **kw)
-    state = ed.init({t: (CFG.d_ff, CFG.d_model) for t in TARGETS})
+    state = ed.init({t: (CFG.d_ff, CFG.d_model) for t in targets})
     return jax.jit(lambda s, p, tn: ed.update(None, s, params=p, turn=tn))(state, m.params, turn)
 
 
@@ -72,3 +72,25 @@ def test_objectives_against_numpy():
                                                     -(2 * logp[1, 1, 1] + logp[1, 1, 9]) / 3], rtol=1e-5)
     with pytest.raises(ValueError, match="objective"):
         ft.FTConfig(objective="bag")
+
+
+@pytest.mark.parametrize("objective,targets", [("target_new", TARGETS), ("prompt_last", TARGETS),
+                                              ("target_new", TARGETS[1:])])
+def test_blocks_from_the_lowest_edited_one_give_the_whole_model_result(objective, targets):
+    """Reusing the stream below the edited blocks (and projecting only the supervised positions, in buckets) is
+    the same loss: the same shifts as the whole model at every step, within float32 reordering."""
+    m, turn = _setup(n=7, seed=3)
+    kw = dict(lr=1e-2, num_steps=4, norm_constraint=None, batch_size=3, objective=objective)
+    fast, s_fast = _run(m, turn, targets, **kw)
+    whole, s_whole = _run(m, turn, targets, reuse_prefix=False, **kw)
+    assert ft._fast_chunk_losses(m.apply, m.params, targets, *[a[None] for a in (turn.edit.input_ids,
+                                 turn.edit.attention_mask, turn.edit.labels)], objective) is not None
+    np.testing.assert_allclose(np.asarray(s_fast.loss), np.asarray(s_whole.loss), rtol=1e-4)
+    for t in targets:
+        scale = float(jnp.abs(whole[t]).max())
+        assert scale > 0 and float(jnp.abs(fast[t] - whole[t]).max()) <= 1e-3 * scale
+
+
+def test_slot_buckets_cover_every_chunk():
+    assert ft.slot_buckets(240) == (30, 60, 120, 240)
+    assert ft.slot_buckets(3) == (1, 2, 3)

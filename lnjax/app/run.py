@@ -85,7 +85,7 @@ class RunConfig:
         choices=("world", "facts") + data_lib.DATASETS))
     data: Optional[str] = dataclasses.field(default=None, metadata=_flag("edit records file (JSON array) for --dataset"))
     train_data: Optional[str] = dataclasses.field(default=None, metadata=_flag(
-        "training-split file for warm-up turns"))
+        "training-split file for warm-up turns and the meta-trained editors' training records"))
     seed: int = dataclasses.field(default=0, metadata=_flag(
         "random seed: which records are drawn (and the hypernetworks' meta-training)"))
     seeds: Optional[int] = dataclasses.field(default=None, metadata=_flag(
@@ -234,11 +234,37 @@ def meta_options(name: str, cfg: RunConfig) -> dict:
     return {**table.get(name, {}), **given, **(cfg.editor_options or {})}
 
 
-def _editor(name: str, cfg: RunConfig, model=None, targets=None, log: Callable[[str], None] = print):
+def meta_training_records(name: str, cfg: RunConfig, tok, log: Optional[Callable[[str], None]] = None):
+    """What a hypernetwork of ``cfg`` meta-trains on: None for the embedded world's models on the world (its
+    training split, ``lnjax.app.train_editor``'s default), else the run dataset's training split tokenized with
+    the run's ``tok`` -- the world's or facts' ``train`` split (subjects disjoint from the edited ones), a file
+    dataset's ``--train-data`` -- so a real model never meta-trains on another tokenizer's ids. ``n_train`` of the
+    editor options bounds how many are read (default: all)."""
+    world_models = cfg.model is None or world_model.is_model_dir(cfg.model)
+    if cfg.dataset == "world" and world_models:
+        return None
+    n = meta_options(name, cfg).get("n_train")
+    if cfg.dataset == "world":
+        w = default_world()
+        records = data_lib.records_from_dicts("zsre", w.records("train", n or len(w.all_facts("train")),
+                                                                seed=cfg.seed), "world:train")
+    elif cfg.dataset == "facts":
+        from lnjax.data import facts
+        records = facts.edit_records("train", n, seed=cfg.seed)
+    elif cfg.train_data is None:
+        raise ValueError(f"{name} is meta-trained before it edits: with --dataset {cfg.dataset} it needs the "
+                         "dataset's training split as --train-data (records disjoint from --data's)")
+    else:
+        records = data_lib.read(cfg.dataset, cfg.train_data, n, seed=cfg.seed, strict=cfg.strict, log=log)
+    return tuple(data_lib.tokenize(records, tok, strict=cfg.strict, log=log))
+
+
+def _editor(name: str, cfg: RunConfig, model=None, targets=None, log: Callable[[str], None] = print, tok=None):
     if name in hparams.META_TRAINED:   # meta-trained first (or taken from the cache)
         from lnjax.app.train_editor import trained_editor
         return trained_editor(name, model, targets, edits_per_turn=cfg.edits_per_turn, seed=cfg.seed,
-                              minibatch_size=cfg.minibatch_size, options=meta_options(name, cfg), log=log)
+                              minibatch_size=cfg.minibatch_size, options=meta_options(name, cfg), log=log,
+                              records=meta_training_records(name, cfg, tok, log))
     settings = editor_settings(name, cfg)
     return _registry_editor(hparams.registry_name(name), settings["lr"], settings["alpha"],
                             json.dumps(cfg.editor_options or {}, sort_keys=True))
@@ -262,6 +288,7 @@ class Job:
     warm_turns: dict
     read_report: data_lib.ReadReport
     families: Optional[dict] = None      # the fair protocol's locality families (``fair_families``)
+    tokenizer: object = None             # the run's tokenizer (a hypernetwork's training records need it)
 
     @property
     def batches(self):
@@ -302,7 +329,7 @@ def prepare_job(cfg: RunConfig, model, tok, log: Optional[Callable[[str], None]]
                           warmup_records=warm_records, max_length=max_probe_length(cfg, model), strict=cfg.strict,
                           report=read_report, log=log, targets=targets if cfg.reuse_streams else None)
     families = fair_families(cfg, model, n) if fair_protocol(cfg) else None
-    return Job(edits=edits, warm_turns=warm_turns, read_report=read_report, families=families)
+    return Job(edits=edits, warm_turns=warm_turns, read_report=read_report, families=families, tokenizer=tok)
 
 
 def during_run_metrics(cfg: RunConfig, model, job: Job) -> Callable:
@@ -365,7 +392,7 @@ def run_editor(name: str, cfg: RunConfig, model, targets: tuple, job: Job, *, ch
         batches = job.edits.edit_turns()
         extra = {**extra, "targets": list(targets)}
     else:
-        editor = _editor(name, cfg, model, targets, options.get("log", print))
+        editor = _editor(name, cfg, model, targets, options.get("log", print), job.tokenizer)
         # the unedited residual streams the evaluation kept below the edited blocks: each turn runs only the rest
         streamed = job.edits.streamed_turns(model, warm) if cfg.reuse_streams else None
         if streamed is not None:

@@ -1,6 +1,7 @@
 """Meta-trained editors for a run: ``lnjax train-editor`` and ``trained_editor`` (the hypernetworks of
-``lnjax.editors.hypernet`` trained by ``lnjax.engine.meta`` on the embedded world's training split, cached under
-the lnjax cache root and resumed when interrupted)."""
+``lnjax.editors.hypernet`` trained by ``lnjax.engine.meta`` on a training split -- the embedded world's, or
+records the caller tokenized for its own model -- cached under the lnjax cache root and resumed when
+interrupted)."""
 
 from __future__ import annotations
 
@@ -32,8 +33,10 @@ def world_training_turns(n_edits: int, edits_per_turn: int, seed: int = 0) -> Tr
 
 @dataclasses.dataclass(frozen=True)
 class TrainingOptions:
-    """How ``trained_editor`` (and ``training_plan``) meta-train: ``n_train`` records of the embedded world's
-    training split (None: all of it) in turns of ``edits_per_turn`` drawn with ``seed``, mini-batches of
+    """How ``trained_editor`` (and ``training_plan``) meta-train: ``n_train`` records (None: all of them) of
+    ``records`` -- ``lnjax.data.TokenizedRecord``s tokenized for the model being edited, in the order given -- or,
+    without ``records``, of the embedded world's training split drawn with ``seed`` (tokenized for the world's
+    models only: another model needs its own ``records``), in turns of ``edits_per_turn``, mini-batches of
     ``minibatch_size``, ``options`` overriding ``default_configs`` fields by name (they may also carry ``n_train``,
     as ``lnjax run``'s editor options do), the cache under ``cache_dir`` (None: ``hypernets/`` under the lnjax
     cache root). Keyword arguments of those functions are folded into it (``lnjax.core.options.fold``)."""
@@ -44,6 +47,7 @@ class TrainingOptions:
     seed: int = 0
     minibatch_size: int = REFERENCE_MINIBATCH_SIZE
     options: Optional[dict] = None
+    records: Optional[Sequence] = None
 
 
 def trained_editor(name: str, model, targets: Sequence[str], training: Optional[TrainingOptions] = None, *,
@@ -87,8 +91,14 @@ def training_plan(name: str, model, targets: Sequence[str], training: Optional[T
     options = dict(run.options or {})
     n_train = options.pop("n_train", run.n_train)
     net, meta = default_configs(name, **{"minibatch_size": run.minibatch_size, **options})
-    n = n_train if n_train is not None else len(default_world().all_facts("train"))
-    turns = world_training_turns(n, run.edits_per_turn, run.seed)
+    if run.records is not None:
+        records = list(run.records)[:n_train] if n_train is not None else list(run.records)
+        if n_train is not None and len(records) < n_train:
+            raise ValueError(f"{name}: n_train={n_train} but only {len(records)} training records were given")
+        turns = training_turns(records, run.edits_per_turn)
+    else:
+        n = n_train if n_train is not None else len(default_world().all_facts("train"))
+        turns = world_training_turns(n, run.edits_per_turn, run.seed)
     _, base = frozen_and_kernels(model.params, tuple(targets))
     key = hashlib.sha256(json.dumps(fingerprint(base, turns, net, meta), sort_keys=True).encode()).hexdigest()
     # the one cache root (lnjax.io.builtin_models.cache_dir), not a path relative to the working directory

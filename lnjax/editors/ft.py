@@ -15,6 +15,12 @@ Objectives (``objective``):
   at the last prompt position, summed and divided by the number of answer tokens, mean over the chunk's edits.
   (The reference also counts right-padding tokens of a batched target in this loss; lnjax does not.)
 Defaults are the recommended UltraEdit-setting baseline: FT-M, lr 5e-4, 25 steps, ε = 5e-5, chunks of 10.
+
+Cost. For a model whose ``apply`` splits into blocks (``lnjax.models.split_stages``) the blocks below the lowest
+edited one cannot change within a turn, so their residual stream is computed once per turn and every step runs
+only the blocks from there up; FT-M projects only a chunk's supervised positions onto the vocabulary, gathered
+into the smallest of a few fixed slot counts that holds them (``lax.switch``; the shapes stay static). The loss
+is the same function of the weights as the whole-model pass (tests/test_ft.py compares the two).
 """
 
 from __future__ import annotations
@@ -29,9 +35,9 @@ import optax
 from flax import struct
 
 from lnjax.core.protocol import EditCounters, Editor, reject_nonfinite, target_shapes
-from lnjax.models import get_module, with_module_leaf
+from lnjax.models import get_module, split_stages, with_module_leaf
 from lnjax.core.turns import IGNORE, REFERENCE_MINIBATCH_SIZE, TurnBatch
-from lnjax.models.probe import token_log_likelihood
+from lnjax.models.probe import supervised_slots, token_log_likelihood
 
 OBJECTIVES = ("target_new", "prompt_last")
 
@@ -56,6 +62,7 @@ class FTConfig:
     weight_decay: float = 0.0
     objective: str = "target_new"
     stop_loss: float = 1e-2
+    reuse_prefix: bool = True   # run only the blocks from the lowest edited one at each step (module docstring)
 
     def __post_init__(self):
         if self.objective not in OBJECTIVES:
@@ -69,15 +76,73 @@ class FTConfig:
 def edit_losses(logits: jax.Array, labels: jax.Array, objective: str) -> tuple[jax.Array, jax.Array]:
     """Per-edit loss [B] and whether the edit has answer tokens [B], for logits [B, L, V] and labels [B, L]
     (aligned with logits, ``-100`` off the answer)."""
-    ce, sup = token_log_likelihood(logits, labels)
-    n = jnp.sum(sup, axis=1)
     if objective == "target_new":
-        return jnp.sum(ce, axis=1) / jnp.maximum(n, 1), n > 0
-    # FT-L: every answer token scored at the last prompt position (the first supervised one).
-    first = jnp.argmax(sup, axis=1)
-    logp = jax.nn.log_softmax(logits[jnp.arange(logits.shape[0]), first].astype(jnp.float32), axis=-1)
+        ce, _ = token_log_likelihood(logits, labels)
+        return _per_edit_mean(jnp.sum(ce, axis=1), labels)
+    return _prompt_last_loss(logits[jnp.arange(logits.shape[0]), _first_answer(labels)], labels)
+
+
+def _first_answer(labels: jax.Array) -> jax.Array:
+    """The last prompt position (the first supervised one) of each row of ``labels`` [B, L]: [B]."""
+    return jnp.argmax(labels != IGNORE, axis=1)
+
+
+def _per_edit_mean(ce_sum: jax.Array, labels: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """FT-M's per-edit loss [B] from the cross-entropy summed over each row's answer tokens [B], and which rows
+    have answer tokens [B]."""
+    n = jnp.sum(labels != IGNORE, axis=1)
+    return ce_sum / jnp.maximum(n, 1), n > 0
+
+
+def _prompt_last_loss(first_logits: jax.Array, labels: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """FT-L's per-edit loss [B]: every answer token of ``labels`` [B, L] scored by the distribution of
+    ``first_logits`` [B, V] (the last prompt position's), and which rows have answer tokens [B]."""
+    sup = labels != IGNORE
+    n = jnp.sum(sup, axis=1)
+    logp = jax.nn.log_softmax(first_logits.astype(jnp.float32), axis=-1)
     picked = jnp.take_along_axis(logp, jnp.where(sup, labels, 0), axis=1)
     return -jnp.sum(jnp.where(sup, picked, 0.0), axis=1) / jnp.maximum(n, 1), n > 0
+
+
+def slot_buckets(n_positions: int, n_buckets: int = 4) -> tuple[int, ...]:
+    """The fixed slot counts a chunk's supervised positions are gathered into: ``n_positions`` (every position of
+    the chunk) halved ``n_buckets - 1`` times, rounded up, ascending and distinct."""
+    return tuple(sorted({max(1, -(-n_positions // 2 ** k)) for k in range(n_buckets)}))
+
+
+def _fast_chunk_losses(apply: Callable, params, names, ids, attn, labels, objective: str):
+    """``losses(p, c) -> (per-edit loss [B], real [B])`` of chunk ``c`` of ``ids`` / ``attn`` / ``labels``
+    [n_chunks, B, L] under params ``p`` (``params`` with the edited kernels replaced) that runs only the blocks
+    from the lowest edited one up, from the residual stream entering it computed here once for every chunk; None
+    when ``apply`` does not split into blocks or an edited module lies outside them."""
+    stages = split_stages(apply)
+    start = None if stages is None else stages.first_block(names)
+    if start is None:
+        return None
+    n_chunks, B, L = ids.shape
+    # blocks below ``start`` read none of the edited kernels: this stream is the same for every step of the turn
+    h_in = stages.prefix(params, ids.reshape(n_chunks * B, L), attn.reshape(n_chunks * B, L), start)
+    h_in = h_in.reshape(n_chunks, B, L, -1)
+    buckets = slot_buckets(B * L)
+
+    def losses(p, c):
+        lab = labels[c]
+        hidden = stages.suffix(p, h_in[c], ids[c], attn[c], start)
+        if objective == "prompt_last":
+            return _prompt_last_loss(stages.head(p, hidden[jnp.arange(B), _first_answer(lab)]), lab)
+
+        def gathered(k):   # the supervised positions in k slots (k >= their count): CE summed per row
+            def ce_per_row(hidden):
+                idx, real = supervised_slots(lab, k)
+                slot_labels = jnp.where(real, lab.reshape(-1)[idx], IGNORE)
+                ce, _ = token_log_likelihood(stages.head(p, hidden.reshape(B * L, -1)[idx]), slot_labels)
+                return jax.ops.segment_sum(ce, idx // L, B)
+            return ce_per_row
+
+        n_sup = jnp.sum(lab != IGNORE)
+        which = jnp.sum(n_sup > jnp.asarray(buckets[:-1]))   # the smallest bucket that holds them
+        return _per_edit_mean(jax.lax.switch(which, [gathered(k) for k in buckets], hidden), lab)
+    return losses
 
 
 def _ft_init(shapes: Mapping[str, tuple[int, int]]) -> FTState:
@@ -101,6 +166,22 @@ def _chunk_edits(edit: TurnBatch, batch_size: int) -> tuple[int, jax.Array, jax.
     return n_chunks, chunked(edit.input_ids, 0), chunked(edit.attention_mask, 0), chunked(edit.labels, IGNORE)
 
 
+def _chunk_loss_fn(apply: Callable, cfg: FTConfig, params, names, ids, attn, labels) -> Callable:
+    """``loss(w, c)``: the mean per-edit loss of chunk ``c`` of ``ids`` / ``attn`` / ``labels`` [n_chunks, B, L]
+    with the edited kernels set to ``w`` {target: float32 kernel} (cast to the model's dtype)."""
+    fast = _fast_chunk_losses(apply, params, names, ids, attn, labels, cfg.objective) if cfg.reuse_prefix else None
+    dtypes = {n: get_module(params, n)["kernel"].dtype for n in names}
+
+    def chunk_loss(w, c):
+        p = params
+        for n in names:
+            p = with_module_leaf(p, n, "kernel", w[n].astype(dtypes[n]))
+        per_edit, real = fast(p, c) if fast is not None else \
+            edit_losses(apply(p, ids[c], attn[c]), labels[c], cfg.objective)
+        return jnp.sum(jnp.where(real, per_edit, 0.0)) / jnp.maximum(jnp.sum(real), 1)
+    return chunk_loss
+
+
 def ft_editor(apply: Callable, cfg: FTConfig) -> Editor:
     """An FT ``Editor`` over the pure ``apply``; needs the turn's ``params`` and ``turn`` (``turn.edit`` [E, L])."""
     opt = optax.chain(optax.add_decayed_weights(cfg.weight_decay), optax.adam(cfg.lr)) if cfg.weight_decay \
@@ -115,17 +196,8 @@ def ft_editor(apply: Callable, cfg: FTConfig) -> Editor:
         edit: TurnBatch = turn.edit
         n_chunks, ids, attn, labels = _chunk_edits(edit, cfg.batch_size)
         real_chunks = jnp.maximum(jnp.sum(jnp.any(labels != IGNORE, axis=(1, 2))), 1)
-        start = {n: get_module(params, n)["kernel"] for n in names}
-        start32 = {n: k.astype(jnp.float32) for n, k in start.items()}
-
-        def chunk_loss(w, c):
-            p = params
-            for n in names:
-                p = with_module_leaf(p, n, "kernel", w[n].astype(start[n].dtype))
-            per_edit, real = edit_losses(apply(p, ids[c], attn[c]), labels[c], cfg.objective)
-            return jnp.sum(jnp.where(real, per_edit, 0.0)) / jnp.maximum(jnp.sum(real), 1)
-
-        grad = jax.value_and_grad(chunk_loss)
+        start32 = {n: get_module(params, n)["kernel"].astype(jnp.float32) for n in names}
+        grad = jax.value_and_grad(_chunk_loss_fn(apply, cfg, params, names, ids, attn, labels))
 
         def chunk_step(c, carry):
             w, opt_state, total = carry
@@ -164,8 +236,11 @@ def ft_editor(apply: Callable, cfg: FTConfig) -> Editor:
 # The signature's defaults are FTConfig's (their one home), so the factory and the config cannot disagree.
 def ft(apply: Callable, *, lr: float = FTConfig.lr, num_steps: int = FTConfig.num_steps,
        norm_constraint: Optional[float] = FTConfig.norm_constraint, batch_size: int = FTConfig.batch_size,
-       weight_decay: float = FTConfig.weight_decay, objective: str = FTConfig.objective) -> Editor:
+       weight_decay: float = FTConfig.weight_decay, objective: str = FTConfig.objective,
+       reuse_prefix: bool = FTConfig.reuse_prefix) -> Editor:
     """Fine-tuning baseline: FT-M (``objective="target_new"``, default) or FT-L (``"prompt_last"``);
-    ``norm_constraint=None`` for unconstrained FT. See the module docstring."""
+    ``norm_constraint=None`` for unconstrained FT; ``reuse_prefix=False`` runs the whole model at every step.
+    See the module docstring."""
     return ft_editor(apply, FTConfig(lr=lr, num_steps=num_steps, norm_constraint=norm_constraint,
-                                     batch_size=batch_size, weight_decay=weight_decay, objective=objective))
+                                     batch_size=batch_size, weight_decay=weight_decay, objective=objective,
+                                     reuse_prefix=reuse_prefix))
