@@ -59,7 +59,7 @@ from lnjax import eval as eval_lib
 from lnjax.app import baselines
 from lnjax.app.hparams import uses_warmup
 from lnjax.app.plots import pyplot, save_figure
-from lnjax.app.report import write_json
+from lnjax.app.report import logged_rows, write_json
 from lnjax.core.turns import TurnBatch
 from lnjax.data import facts
 from lnjax.editors import key_stats
@@ -122,12 +122,9 @@ def weakness(name: str, value) -> float:
 
 
 def reused_rows(path: str) -> dict:
-    """{(editor, lr): row} of the JSON rows an earlier tuning run printed to its log ``path`` (the same edits
-    and probes, deterministic, so a row is what a rerun would give); {} without a path."""
-    if not path:
-        return {}
-    rows = [json.loads(line) for line in open(path) if line.startswith("{")]
-    return {(r["editor"], r["lr"]): r for r in rows}
+    """{(editor, lr): row} of the rows an earlier tuning run printed to its log ``path`` (the same edits and
+    probes, deterministic, so a row is what a rerun would give); {} without a path."""
+    return {(r["editor"], r["lr"]): r for r in logged_rows(path)}
 
 
 def targets_of(args) -> tuple:

@@ -41,7 +41,7 @@ from lnjax.app.hparams import META_TRAINED, uses_warmup
 from lnjax.app.train_editor import trained_editor
 from lnjax.world.memory_testbed import DEFAULT_TARGETS, FAIR_SETTINGS, default_testbed
 from lnjax.app.plots import pyplot, save_figure
-from lnjax.app.report import write_json
+from lnjax.app.report import logged_rows, write_json
 from lnjax.engine.sequence import edit_sequence
 from lnjax.world import default_world
 
@@ -93,13 +93,8 @@ def grid(centre: float, points: int) -> list:
 
 
 def reused_rows(log) -> dict:
-    """{(editor, lr rounded): row} of the JSON rows an earlier run printed to ``log`` (none without one)."""
-    rows = {}
-    for line in open(log) if log else []:
-        if line.startswith("{") and '"score"' in line and '"chosen"' not in line:
-            row = json.loads(line)
-            rows[(row["editor"], round(row["lr"], 9))] = row
-    return rows
+    """{(editor, lr rounded): row} of the rows an earlier run printed to ``log`` (none without one)."""
+    return {(row["editor"], round(row["lr"], 9)): row for row in logged_rows(log)}
 
 
 def choose(rows: list) -> dict:

@@ -34,6 +34,7 @@ def test_every_grid_spans_the_decade_on_the_weaker_side_of_its_centre(fr):
 def test_rows_reused_from_a_log_are_its_json_lines(fr, tmp_path):
     log = tmp_path / "tune.log"
     row = {"editor": "alphaedit", "lr": 31.6, "score": 0.6}
-    log.write_text("loading SmolLM2\n" + json.dumps(row) + "\ndone in 3 s\n")
+    summary = {"chosen": {"alphaedit": 31.6}, "score": 0.6}   # a summary line, not a tuning row
+    log.write_text("loading SmolLM2\n" + json.dumps(row) + "\n" + json.dumps(summary) + "\ndone in 3 s\n")
     assert fr.reused_rows(str(log)) == {("alphaedit", 31.6): row}
     assert fr.reused_rows("") == {}

@@ -72,6 +72,17 @@ def write_json(path: str, obj, indent: int = 1) -> None:
     os.replace(tmp, path)
 
 
+def logged_rows(path: Optional[str]) -> list[dict]:
+    """The scored JSON rows (``{"editor": ..., "score": ...}`` lines) a tuning script printed to its log ``path``,
+    in order, so that an interrupted tuning run can reuse them (its edits and probes are deterministic); [] without
+    a path. Lines that are not JSON objects, and the ``"chosen"`` summary lines, are left out."""
+    if not path:
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f
+                if line.startswith("{") and '"score"' in line and '"chosen"' not in line]
+
+
 def write_config_and_results(out_dir: str, config: dict, results: dict) -> None:
     """``config.json`` and ``results.json`` (indented JSON) in ``out_dir``, created if needed."""
     for name, obj in (("config.json", config), ("results.json", results)):
