@@ -43,7 +43,7 @@ from flax import struct
 from lnjax.editors import hypernet as hn
 from lnjax.core.turns import REFERENCE_MINIBATCH_SIZE, pack_turns
 from lnjax.io.checkpoint import RunCheckpointer, load, save
-from lnjax.core.protocol import Editor, EditorState, check_features
+from lnjax.core.protocol import EditorState, check_features
 from lnjax.models.probe import TurnBatch, minibatch_weights, token_log_likelihood, turn_features
 from lnjax.core.tree import digest, frozen_and_kernels, join
 
