@@ -202,3 +202,23 @@ def test_mend_trains_on_all_positions_and_edits_with_its_own_features(tmp_path):
     deltas, state = ed.update(None, state, params=model.params, turn=edit0)
     assert int(state.stats[GROUP].count) == 2 * int(attended.sum()) + 2 * int(attended[0])   # 2 targets
     assert all(float(jnp.linalg.norm(d)) > 0 for d in deltas.values())
+
+
+@pytest.mark.parametrize("targets", [TARGETS, TARGETS[1:]])
+def test_rledit_history_streams_give_the_whole_model_training(targets):
+    """RLEdit keeping each back-tracked turn's stream below the lowest target (and running only the blocks above
+    it in each loss term) is the same meta-training as running the whole model: same diagnostics and θ within
+    float32 reordering; with block 1 there is a real prefix below the target."""
+    model, turns = _model(), _turns(3)
+    mc = _meta("rledit", n_epochs=2)   # two trajectories: the stream history is emptied between them
+    fast, rep_fast = meta.train(model, targets, turns, NET, mc, progress=False, log=lambda s: None)
+    whole, rep_whole = meta.train(model, targets, turns, NET, mc, progress=False, log=lambda s: None,
+                                  reuse_prefix=False)
+    assert meta._runner(model.apply, targets, True).start == int(targets[0].split(".")[2])
+    for k in ("gen_loss", "loc_loss", "edit_loss", "grad_norm"):
+        np.testing.assert_allclose(rep_fast["diagnostics"][k], rep_whole["diagnostics"][k], rtol=1e-4, err_msg=k)
+    init = hn.init_theta(NET, fast.targets)[GROUP]
+    for k, v in whole.theta[GROUP].items():
+        moved = (np.asarray(v, np.float64) - np.asarray(init[k], np.float64)) / mc.meta_lr
+        moved_fast = (np.asarray(fast.theta[GROUP][k], np.float64) - np.asarray(init[k], np.float64)) / mc.meta_lr
+        np.testing.assert_allclose(moved_fast, moved, atol=1e-3, err_msg=k)

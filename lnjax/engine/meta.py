@@ -23,6 +23,13 @@ Known quirks of the released code kept by default, with the fix as an option:
 - The statistics carry over from meta-training into evaluation (``hypernet.hypernet_editor(reset_at_eval=...)``).
 - UltraEdit's codebase steps Adam inside the locality loop (about 10 steps per turn, an indentation slip); this
   module follows StableEdit, MALMEN and RLEdit, which take one step per turn. Not reproduced.
+Cost (RLEdit): for a model that splits into blocks (``lnjax.models.split_stages``) the blocks below the lowest
+edited one never change, so the trajectory keeps each back-tracked turn's paraphrase and locality residual streams
+entering that block (computed once, when the turn is pushed) and every one of the ``back_depth`` loss terms runs only
+the blocks from there up (``train(..., reuse_prefix=False)``: the whole model every time; the same arithmetic,
+tests/test_meta.py compares the two). MALMEN and MEND run each probe set at most twice per turn, where the reuse
+saved nothing measurable, so they run the whole model.
+
 Differences that are not options: losses in float32 (the reference uses bf16 logits); no bf16 drift from
 apply/undo pairs (the functional update never subtracts); optax's clipping scales by ``max/‖g‖`` where torch uses
 ``max/(‖g‖ + 1e-6)``.
@@ -32,7 +39,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Callable, Mapping, Optional, Sequence
+from typing import Callable, Mapping, NamedTuple, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -46,6 +53,7 @@ from lnjax.io.checkpoint import RunCheckpointer, load, save
 from lnjax.core.protocol import EditorState, check_features
 from lnjax.models.probe import TurnBatch, minibatch_weights, token_log_likelihood, turn_features
 from lnjax.core.tree import digest, frozen_and_kernels, join
+from lnjax.models import split_stages
 
 ALGORITHMS = ("malmen", "rledit", "mend")
 REG_MODES = ("reference", "live")
@@ -128,8 +136,10 @@ class MetaState:
 
     ``theta``, ``opt_state`` (optax Adam), ``stats`` (group -> LNStats); RLEdit only (None otherwise):
     ``acc`` (accumulated, re-clipped hypernet gradient), ``kernels`` (the trajectory model's edited kernels),
-    ``hist_para``/``hist_loc`` (TurnBatches [back_depth, E, L] of the last turns, slot 0 the newest) and
-    ``hist_len`` (int32, valid slots).
+    ``hist_para``/``hist_loc`` (TurnBatches [back_depth, E, L] of the last turns, slot 0 the newest),
+    ``hist_len`` (int32, valid slots) and, when the blocks below the targets are reused (module docstring),
+    ``hist_streams``: the residual streams of ``(hist_para, hist_loc)`` entering the lowest edited block
+    ([back_depth, E, L, d] each; None otherwise).
     """
 
     theta: dict
@@ -140,6 +150,7 @@ class MetaState:
     hist_para: Optional[TurnBatch] = None
     hist_loc: Optional[TurnBatch] = None
     hist_len: Optional[jax.Array] = None
+    hist_streams: Optional[tuple] = None
 
 
 def minibatch_ce(logits: jax.Array, labels: jax.Array, minibatch_size: int) -> jax.Array:
@@ -218,26 +229,48 @@ def _push_history(state: MetaState, para: TurnBatch, loc: TurnBatch, meta: MetaC
     return hist_para, hist_loc, hist_len, slot_w
 
 
-def _rledit_loss(apply: Callable, frozen: dict, params: dict, slot_w: jax.Array, hist_para: TurnBatch,
-                 hist_loc: TurnBatch, meta: MetaConfig) -> Callable:
+class _Runner(NamedTuple):
+    """How RLEdit's loss runs the model on a TurnBatch ``b`` [E, L]: ``stream(params, b)``, the residual stream
+    entering block ``start`` [E, L, d] (None when the model runs whole), and ``logits(params, b, stream)``."""
+
+    stream: Callable
+    logits: Callable
+    start: Optional[int]
+
+
+def _runner(apply: Callable, names: tuple, reuse_prefix: bool) -> _Runner:
+    """From the lowest target's block when ``apply`` splits into blocks and ``reuse_prefix`` (the blocks below never
+    change: every shift lies at or above it); else the whole model."""
+    stages = split_stages(apply) if reuse_prefix else None
+    start = None if stages is None else stages.first_block(names)
+    if start is None:
+        return _Runner(lambda p, b: None, lambda p, b, s: apply(p, b.input_ids, b.attention_mask), None)
+    return _Runner(lambda p, b: stages.prefix(p, b.input_ids, b.attention_mask, start),
+                   lambda p, b, s: stages.head(p, stages.suffix(p, s, b.input_ids, b.attention_mask, start)), start)
+
+
+def _rledit_loss(run: _Runner, frozen: dict, params: dict, slot_w: jax.Array, hist_para: TurnBatch,
+                 hist_loc: TurnBatch, hist_streams: Optional[tuple], meta: MetaConfig) -> Callable:
     """RLEdit's loss of the edited kernels: ``kernels -> (gen + loc_coef·kl, (gen, kl))`` summed over the history
-    slots with weights ``slot_w`` [back_depth]; the KL reference is ``params`` (this turn's pre-shift model)."""
+    slots with weights ``slot_w`` [back_depth]; the KL reference is ``params`` (this turn's pre-shift model).
+    ``hist_streams``: the slots' ``run.stream`` of ``(hist_para, hist_loc)`` (None when the model runs whole)."""
     mbs = meta.minibatch_size
 
     def loss_fn(kernels):
         p = join(frozen, kernels)
 
         def slot(total, xs):
-            w, pb, lb = xs
-            ref = jax.lax.stop_gradient(apply(params, lb.input_ids, lb.attention_mask))
-            gen = minibatch_ce(apply(p, pb.input_ids, pb.attention_mask), pb.labels, mbs)
-            kl = minibatch_kl(ref, apply(p, lb.input_ids, lb.attention_mask), lb.labels, mbs)
+            w, pb, lb, st = xs
+            sp, sl = (None, None) if st is None else st
+            ref = jax.lax.stop_gradient(run.logits(params, lb, sl))
+            gen = minibatch_ce(run.logits(p, pb, sp), pb.labels, mbs)
+            kl = minibatch_kl(ref, run.logits(p, lb, sl), lb.labels, mbs)
             return (total[0] + w * gen, total[1] + w * kl), None
 
         # rematerialized: the backward pass recomputes each slot's forward instead of keeping every slot's
         # activations and full-vocabulary logits at once (back_depth x that -- over 20 GB on SmolLM2 at 100 edits)
         (gen, kl), _ = jax.lax.scan(jax.checkpoint(slot), (jnp.zeros(()), jnp.zeros(())),
-                                    (slot_w, hist_para, hist_loc))
+                                    (slot_w, hist_para, hist_loc, hist_streams))
         return gen + meta.loc_coef * kl, (gen, kl)
 
     return loss_fn
@@ -251,7 +284,8 @@ def _diagnostics(gen, kl, edit_loss, g_theta, deltas: dict, names: tuple, n_rows
 
 
 @functools.lru_cache(maxsize=8)
-def make_turn_step(apply: Callable, targets: tuple, net: hn.NetConfig, meta: MetaConfig, max_rows: int) -> Callable:
+def make_turn_step(apply: Callable, targets: tuple, net: hn.NetConfig, meta: MetaConfig, max_rows: int,
+                   reuse_prefix: bool = True) -> Callable:
     """The jitted training step ``step(state, frozen, base_kernels, (edit, para, loc)) -> (state, diagnostics)``.
 
     MALMEN/MEND: the features and the reference logits on ``base_kernels``, one clipped Adam step. RLEdit: on
@@ -265,6 +299,7 @@ def make_turn_step(apply: Callable, targets: tuple, net: hn.NetConfig, meta: Met
     mbs = meta.minibatch_size
     positions = "all" if net.token == "all" else "answer"
     rl = meta.algorithm == "rledit"
+    run = _runner(apply, names, reuse_prefix and rl)
 
     def features_and_shift(theta, stats, params, edit):
         feats, edit_loss, n_rows = turn_features(apply, params, names, edit, minibatch_size=mbs,
@@ -295,25 +330,33 @@ def make_turn_step(apply: Callable, targets: tuple, net: hn.NetConfig, meta: Met
         params = join(frozen, state.kernels)
         stats, deltas, pullback, edit_loss, n_rows = features_and_shift(state.theta, state.stats, params, edit)
         hist_para, hist_loc, hist_len, slot_w = _push_history(state, para, loc, meta)
-        loss_fn = _rledit_loss(apply, frozen, params, slot_w, hist_para, hist_loc, meta)
+        hist_streams = None
+        if state.hist_streams is not None:   # this turn's streams pushed in front, as its probes are
+            push = lambda h, x: jnp.concatenate([x[None].astype(h.dtype), h[:-1]], axis=0)  # noqa: E731
+            hist_streams = tuple(push(h, run.stream(params, b)) for h, b in zip(state.hist_streams, (para, loc)))
+        loss_fn = _rledit_loss(run, frozen, params, slot_w, hist_para, hist_loc, hist_streams, meta)
         new_kernels = edited(state.kernels, deltas)
         (_, (gen, kl)), grad_w = jax.value_and_grad(loss_fn, has_aux=True)(new_kernels)
         g_theta = _theta_grad(meta, names, deltas, pullback, grad_w)
         acc = _clip(jax.tree_util.tree_map(jnp.add, state.acc, g_theta), meta.max_grad_norm)
         diag = _diagnostics(gen, kl, edit_loss, g_theta, deltas, names, n_rows)
         return state.replace(stats=stats, acc=acc, kernels=new_kernels, hist_para=hist_para, hist_loc=hist_loc,
-                             hist_len=hist_len), diag
+                             hist_len=hist_len, hist_streams=hist_streams), diag
 
     return jax.jit(rledit_step if rl else malmen_step, donate_argnums=(0,))
 
 
 def init_state(net: hn.NetConfig, meta: MetaConfig, targets: tuple, base_kernels: dict,
-               turns: TrainTurns) -> MetaState:
+               turns: TrainTurns, streams: Optional[tuple] = None) -> MetaState:
     """The state before the first training turn: fresh θ (seeded by ``net.seed``), Adam state, empty
-    statistics, and for RLEdit a zero gradient buffer, the base kernels and an empty history."""
+    statistics, and for RLEdit a zero gradient buffer, the base kernels and an empty history (with ``streams``,
+    the shapes of one turn's paraphrase and locality streams, an empty stream history too)."""
     theta = hn.init_theta(net, targets)
     state = MetaState(theta=theta, opt_state=_optimizer(meta).init(theta), stats=hn.init_stats(targets))
     if meta.algorithm == "rledit":
+        if streams is not None:
+            state = state.replace(hist_streams=tuple(jnp.zeros((meta.back_depth,) + tuple(x.shape), x.dtype)
+                                                     for x in streams))
         state = start_trajectory(state, meta, base_kernels, turns)
     return state
 
@@ -321,11 +364,12 @@ def init_state(net: hn.NetConfig, meta: MetaConfig, targets: tuple, base_kernels
 def start_trajectory(state: MetaState, meta: MetaConfig, base_kernels: dict, turns: TrainTurns) -> MetaState:
     """RLEdit: the model back to the base kernels, the history and the gradient buffer emptied."""
     empty = lambda a: np.zeros((meta.back_depth,) + np.shape(a)[1:], np.asarray(a).dtype)
+    streams = None if state.hist_streams is None else tuple(jnp.zeros_like(h) for h in state.hist_streams)
     return state.replace(acc=jax.tree_util.tree_map(jnp.zeros_like, state.theta),
                          kernels={t: jnp.array(k, copy=True) for t, k in base_kernels.items()},
                          hist_para=jax.tree_util.tree_map(empty, turns.paraphrase),
                          hist_loc=jax.tree_util.tree_map(empty, turns.locality),
-                         hist_len=jnp.zeros((), jnp.int32))
+                         hist_len=jnp.zeros((), jnp.int32), hist_streams=streams)
 
 
 def finish_trajectory(state: MetaState, meta: MetaConfig) -> MetaState:
@@ -383,7 +427,8 @@ def _log_learned(state: MetaState, net: hn.NetConfig, meta: MetaConfig, done: in
 
 def train(model, targets: Sequence[str], turns: TrainTurns, net: hn.NetConfig, meta: MetaConfig, *,
           checkpoint_dir: Optional[str] = None, resume: bool = False, progress: bool = True,
-          log: Callable[[str], None] = print, stop_after: Optional[int] = None) -> tuple[hn.Trained, dict]:
+          log: Callable[[str], None] = print, stop_after: Optional[int] = None,
+          reuse_prefix: bool = True) -> tuple[hn.Trained, dict]:
     """Meta-train a hypernetwork for ``targets`` of ``model`` (``.params``, ``.apply``) on ``turns``.
 
     Runs ``meta.n_epochs`` passes over the first ``meta.num_seq`` turns (all by default), one jitted step per
@@ -391,7 +436,8 @@ def train(model, targets: Sequence[str], turns: TrainTurns, net: hn.NetConfig, m
     ``meta.checkpoint_every`` turns and at the end (``lnjax.io.checkpoint.RunCheckpointer``, per-turn diagnostics
     beside it); ``resume=True`` continues from the newest good checkpoint there, bit for bit as an uninterrupted
     run (a checkpoint saved for another model, data or config is refused). ``stop_after`` stops after that many
-    turns in total (for tests of the resume).
+    turns in total (for tests of the resume). ``reuse_prefix=False``: RLEdit runs the whole model in every loss
+    term (module docstring, "Cost"; the same result).
 
     Returns ``(trained, report)``: the ``hypernet.Trained`` net and statistics, and a report with the per-turn
     diagnostics (numpy arrays), the learned ``lr[m]``, ``lamda[m]`` and ``‖B‖`` per group (also logged), and the
@@ -405,8 +451,13 @@ def train(model, targets: Sequence[str], turns: TrainTurns, net: hn.NetConfig, m
     max_rows = feature_rows(turns, net.token)
     # one compiled step serves every run length and checkpoint interval
     step = make_turn_step(model.apply, layout, net,
-                          dataclasses.replace(meta, n_epochs=1, num_seq=None, checkpoint_every=1), max_rows)
-    state = init_state(net, meta, layout, base, turns)
+                          dataclasses.replace(meta, n_epochs=1, num_seq=None, checkpoint_every=1), max_rows,
+                          reuse_prefix)
+    run = _runner(model.apply, tuple(t[0] for t in layout), reuse_prefix and meta.algorithm == "rledit")
+    first_turn = lambda tb: jax.tree_util.tree_map(lambda a: np.asarray(a)[0], tb)  # noqa: E731
+    streams = None if run.start is None else tuple(jax.eval_shape(run.stream, join(frozen, base), first_turn(tb))
+                                                   for tb in (turns.paraphrase, turns.locality))
+    state = init_state(net, meta, layout, base, turns, streams)
     ckpt, config, first, state, collected = _open_checkpoint(checkpoint_dir, resume, state, base, turns, net,
                                                              meta, total, log)
     bar = _progress_bar(progress, total, first, meta, net)
