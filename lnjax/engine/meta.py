@@ -425,6 +425,17 @@ def _log_learned(state: MetaState, net: hn.NetConfig, meta: MetaConfig, done: in
     return learned
 
 
+def _stream_shapes(apply: Callable, layout: tuple, params, turns: TrainTurns, reuse_prefix: bool,
+                   meta: MetaConfig) -> Optional[tuple]:
+    """The shapes of one turn's paraphrase and locality streams that RLEdit's history keeps (``_runner``), or None
+    when it runs the whole model (MALMEN/MEND always)."""
+    run = _runner(apply, tuple(t[0] for t in layout), reuse_prefix and meta.algorithm == "rledit")
+    if run.start is None:
+        return None
+    first_turn = lambda tb: jax.tree_util.tree_map(lambda a: np.asarray(a)[0], tb)  # noqa: E731
+    return tuple(jax.eval_shape(run.stream, params, first_turn(tb)) for tb in (turns.paraphrase, turns.locality))
+
+
 def train(model, targets: Sequence[str], turns: TrainTurns, net: hn.NetConfig, meta: MetaConfig, *,
           checkpoint_dir: Optional[str] = None, resume: bool = False, progress: bool = True,
           log: Callable[[str], None] = print, stop_after: Optional[int] = None,
@@ -453,11 +464,8 @@ def train(model, targets: Sequence[str], turns: TrainTurns, net: hn.NetConfig, m
     step = make_turn_step(model.apply, layout, net,
                           dataclasses.replace(meta, n_epochs=1, num_seq=None, checkpoint_every=1), max_rows,
                           reuse_prefix)
-    run = _runner(model.apply, tuple(t[0] for t in layout), reuse_prefix and meta.algorithm == "rledit")
-    first_turn = lambda tb: jax.tree_util.tree_map(lambda a: np.asarray(a)[0], tb)  # noqa: E731
-    streams = None if run.start is None else tuple(jax.eval_shape(run.stream, join(frozen, base), first_turn(tb))
-                                                   for tb in (turns.paraphrase, turns.locality))
-    state = init_state(net, meta, layout, base, turns, streams)
+    state = init_state(net, meta, layout, base, turns,
+                       _stream_shapes(model.apply, layout, join(frozen, base), turns, reuse_prefix, meta))
     ckpt, config, first, state, collected = _open_checkpoint(checkpoint_dir, resume, state, base, turns, net,
                                                              meta, total, log)
     bar = _progress_bar(progress, total, first, meta, net)
