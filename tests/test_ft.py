@@ -83,7 +83,7 @@ def test_blocks_from_the_lowest_edited_one_give_the_whole_model_result(objective
     kw = dict(lr=1e-2, num_steps=4, norm_constraint=None, batch_size=3, objective=objective)
     fast, s_fast = _run(m, turn, targets, **kw)
     whole, s_whole = _run(m, turn, targets, reuse_prefix=False, **kw)
-    assert ft._fast_chunk_losses(m.apply, m.params, targets, *[a[None] for a in (turn.edit.input_ids,
+    assert ft._fast_chunk_loss(m.apply, m.params, targets, *[a[None] for a in (turn.edit.input_ids,
                                  turn.edit.attention_mask, turn.edit.labels)], objective) is not None
     np.testing.assert_allclose(np.asarray(s_fast.loss), np.asarray(s_whole.loss), rtol=1e-4)
     for t in targets:

@@ -26,6 +26,7 @@ is the same function of the weights as the whole-model pass (tests/test_ft.py co
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any, Callable, Mapping, Optional
 
@@ -37,7 +38,7 @@ from flax import struct
 from lnjax.core.protocol import EditCounters, Editor, reject_nonfinite, target_shapes
 from lnjax.models import get_module, split_stages, with_module_leaf
 from lnjax.core.turns import IGNORE, REFERENCE_MINIBATCH_SIZE, TurnBatch
-from lnjax.models.probe import supervised_slots, token_log_likelihood
+from lnjax.models.probe import stream_parts, token_log_likelihood, weighted_answer_loss
 
 OBJECTIVES = ("target_new", "prompt_last")
 
@@ -110,11 +111,17 @@ def slot_buckets(n_positions: int, n_buckets: int = 4) -> tuple[int, ...]:
     return tuple(sorted({max(1, -(-n_positions // 2 ** k)) for k in range(n_buckets)}))
 
 
-def _fast_chunk_losses(apply: Callable, params, names, ids, attn, labels, objective: str):
-    """``losses(p, c) -> (per-edit loss [B], real [B])`` of chunk ``c`` of ``ids`` / ``attn`` / ``labels``
-    [n_chunks, B, L] under params ``p`` (``params`` with the edited kernels replaced) that runs only the blocks
-    from the lowest edited one up, from the residual stream entering it computed here once for every chunk; None
-    when ``apply`` does not split into blocks or an edited module lies outside them."""
+def _mean_over_edits(per_edit: jax.Array, real: jax.Array) -> jax.Array:
+    """A chunk's loss: the mean of ``per_edit`` [B] over the edits with answer tokens ``real`` [B]."""
+    return jnp.sum(jnp.where(real, per_edit, 0.0)) / jnp.maximum(jnp.sum(real), 1)
+
+
+def _fast_chunk_loss(apply: Callable, params, names, ids, attn, labels, objective: str):
+    """``loss(p, c)``, the loss of chunk ``c`` of ``ids`` / ``attn`` / ``labels`` [n_chunks, B, L] under params
+    ``p`` (``params`` with the edited kernels replaced), running only the blocks from the lowest edited one up from
+    the residual stream entering it, computed here once for every chunk; None when ``apply`` does not split into
+    blocks or an edited module lies outside them. FT-M's loss is ``probe.weighted_answer_loss`` with each answer
+    token weighted 1 / (its edit's answer tokens × the chunk's edits with answers)."""
     stages = split_stages(apply)
     start = None if stages is None else stages.first_block(names)
     if start is None:
@@ -125,24 +132,21 @@ def _fast_chunk_losses(apply: Callable, params, names, ids, attn, labels, object
     h_in = h_in.reshape(n_chunks, B, L, -1)
     buckets = slot_buckets(B * L)
 
-    def losses(p, c):
+    def loss(p, c):
         lab = labels[c]
-        hidden = stages.suffix(p, h_in[c], ids[c], attn[c], start)
         if objective == "prompt_last":
-            return _prompt_last_loss(stages.head(p, hidden[jnp.arange(B), _first_answer(lab)]), lab)
-
-        def gathered(k):   # the supervised positions in k slots (k >= their count): CE summed per row
-            def ce_per_row(hidden):
-                idx, real = supervised_slots(lab, k)
-                slot_labels = jnp.where(real, lab.reshape(-1)[idx], IGNORE)
-                ce, _ = token_log_likelihood(stages.head(p, hidden.reshape(B * L, -1)[idx]), slot_labels)
-                return jax.ops.segment_sum(ce, idx // L, B)
-            return ce_per_row
-
-        n_sup = jnp.sum(lab != IGNORE)
-        which = jnp.sum(n_sup > jnp.asarray(buckets[:-1]))   # the smallest bucket that holds them
-        return _per_edit_mean(jax.lax.switch(which, [gathered(k) for k in buckets], hidden), lab)
-    return losses
+            hidden = stages.suffix(p, h_in[c], ids[c], attn[c], start)
+            return _mean_over_edits(*_prompt_last_loss(stages.head(p, hidden[jnp.arange(B), _first_answer(lab)]),
+                                                       lab))
+        sup = lab != IGNORE
+        n = jnp.sum(sup, axis=1, keepdims=True)
+        weights = sup / jnp.maximum(n, 1) / jnp.maximum(jnp.sum(n > 0), 1)
+        parts = stream_parts(apply, h_in[c], start)
+        n_sup = jnp.sum(sup)
+        which = jnp.sum(n_sup > jnp.asarray(buckets[:-1]))   # the smallest slot count that holds them
+        return jax.lax.switch(which, [functools.partial(weighted_answer_loss, apply, max_rows=k, parts=parts)
+                                      for k in buckets], p, ids[c], attn[c], lab, weights)
+    return loss
 
 
 def _ft_init(shapes: Mapping[str, tuple[int, int]]) -> FTState:
@@ -169,16 +173,16 @@ def _chunk_edits(edit: TurnBatch, batch_size: int) -> tuple[int, jax.Array, jax.
 def _chunk_loss_fn(apply: Callable, cfg: FTConfig, params, names, ids, attn, labels) -> Callable:
     """``loss(w, c)``: the mean per-edit loss of chunk ``c`` of ``ids`` / ``attn`` / ``labels`` [n_chunks, B, L]
     with the edited kernels set to ``w`` {target: float32 kernel} (cast to the model's dtype)."""
-    fast = _fast_chunk_losses(apply, params, names, ids, attn, labels, cfg.objective) if cfg.reuse_prefix else None
+    fast = _fast_chunk_loss(apply, params, names, ids, attn, labels, cfg.objective) if cfg.reuse_prefix else None
     dtypes = {n: get_module(params, n)["kernel"].dtype for n in names}
 
     def chunk_loss(w, c):
         p = params
         for n in names:
             p = with_module_leaf(p, n, "kernel", w[n].astype(dtypes[n]))
-        per_edit, real = fast(p, c) if fast is not None else \
-            edit_losses(apply(p, ids[c], attn[c]), labels[c], cfg.objective)
-        return jnp.sum(jnp.where(real, per_edit, 0.0)) / jnp.maximum(jnp.sum(real), 1)
+        if fast is not None:
+            return fast(p, c)
+        return _mean_over_edits(*edit_losses(apply(p, ids[c], attn[c]), labels[c], cfg.objective))
     return chunk_loss
 
 
