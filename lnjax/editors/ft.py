@@ -142,8 +142,7 @@ def _fast_chunk_loss(apply: Callable, params, names, ids, attn, labels, objectiv
         n = jnp.sum(sup, axis=1, keepdims=True)
         weights = sup / jnp.maximum(n, 1) / jnp.maximum(jnp.sum(n > 0), 1)
         parts = stream_parts(apply, h_in[c], start)
-        n_sup = jnp.sum(sup)
-        which = jnp.sum(n_sup > jnp.asarray(buckets[:-1]))   # the smallest slot count that holds them
+        which = jnp.sum(jnp.sum(n) > jnp.asarray(buckets[:-1]))   # the smallest slot count that holds them
         return jax.lax.switch(which, [functools.partial(weighted_answer_loss, apply, max_rows=k, parts=parts)
                                       for k in buckets], p, ids[c], attn[c], lab, weights)
     return loss

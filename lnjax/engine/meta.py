@@ -218,13 +218,17 @@ def _malmen_loss(apply: Callable, frozen: dict, ref: jax.Array, para: TurnBatch,
     return loss_fn
 
 
+def _push_front(history: jax.Array, x) -> jax.Array:
+    """``x`` as slot 0 of ``history`` [back_depth, ...], the oldest slot dropped."""
+    return jnp.concatenate([jnp.asarray(x)[None].astype(history.dtype), history[:-1]], axis=0)
+
+
 def _push_history(state: MetaState, para: TurnBatch, loc: TurnBatch, meta: MetaConfig):
     """RLEdit's history with this turn pushed in front: ``hist_para``, ``hist_loc`` ([back_depth, E, L'] per
     leaf, newest first), ``hist_len`` (filled slots, at most ``back_depth``) and the slot weights
     ``slot_w`` [back_depth] (``γ^j`` on filled slots, 0 on empty ones)."""
-    push = lambda h, x: jnp.concatenate([jnp.asarray(x)[None].astype(h.dtype), h[:-1]], axis=0)
-    hist_para = jax.tree_util.tree_map(push, state.hist_para, para)
-    hist_loc = jax.tree_util.tree_map(push, state.hist_loc, loc)
+    hist_para = jax.tree_util.tree_map(_push_front, state.hist_para, para)
+    hist_loc = jax.tree_util.tree_map(_push_front, state.hist_loc, loc)
     hist_len = jnp.minimum(state.hist_len + 1, meta.back_depth)
     slot_w = jnp.where(jnp.arange(meta.back_depth) < hist_len,
                        meta.time_decay ** jnp.arange(meta.back_depth, dtype=jnp.float32), 0.0)
@@ -339,8 +343,7 @@ def make_turn_step(apply: Callable, targets: tuple, net: hn.NetConfig, meta: Met
         hist_para, hist_loc, hist_len, slot_w = _push_history(state, para, loc, meta)
         hist_streams = None
         if state.hist_streams is not None:   # this turn's streams pushed in front, as its probes are
-            push = lambda h, x: jnp.concatenate([x[None].astype(h.dtype), h[:-1]], axis=0)  # noqa: E731
-            hist_streams = tuple(push(h, run.stream(params, b)) for h, b in zip(state.hist_streams, (para, loc)))
+            hist_streams = tuple(_push_front(h, run.stream(params, b)) for h, b in zip(state.hist_streams, (para, loc)))
         loss_fn = _rledit_loss(run, frozen, params, slot_w, hist_para, hist_loc, hist_streams, meta)
         new_kernels = edited(state.kernels, deltas)
         (_, (gen, kl)), grad_w = jax.value_and_grad(loss_fn, has_aux=True)(new_kernels)
